@@ -1,0 +1,196 @@
+"""The `smolconvert` command: argument parsing and printing over the Python API, nothing else.
+
+User mistakes (SmolconvertError) print one line and exit 2; anything else is a bug: exit 1, with the
+traceback under --debug. --json writes machine-readable results to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+import smolconvert
+from smolconvert.errors import SmolconvertError
+
+SOURCE_HELP = "SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M)."
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SmolconvertError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            else:
+                click.echo(
+                    f"internal error (a bug in smolconvert): {type(e).__name__}: {e}; "
+                    "rerun with --debug for the traceback",
+                    err=True,
+                )
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(smolconvert.__version__, prog_name="smolconvert")
+@click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
+def cli(debug: bool) -> None:
+    """Convert small language models for every device runtime and verify each artifact."""
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
+@click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
+def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
+    """Describe a model: architecture, sizes, tokenizer, special ids, where the weights came from.
+
+    SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
+    """
+    model = smolconvert.load(source, allow_pickle=allow_pickle)
+    info = _describe(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    s = model.spec
+    tok = info["tokenizer"]
+    lines = [
+        f"{model.name}  ({s.architecture}, {info['n_params'] / 1e6:.1f}M parameters)",
+        f"  origin:      {model.origin}",
+        f"  layers:      {s.n_layers}, hidden {s.hidden_size}, ffn {s.intermediate_size}",
+        f"  attention:   {s.n_heads} heads / {s.n_kv_heads} KV heads, head_dim {s.head_dim}, "
+        f"rope theta {s.rope_theta:g}"
+        + (f", no-RoPE layers {info['no_rope_layers']}" if info["no_rope_layers"] else ""),
+        f"  vocab:       {s.vocab_size}, tied: {'yes' if s.tie_word_embeddings else 'no'}",
+        f"  tokenizer:   {tok['model']} (pre {tok['pre']}), bos {tok['bos']}, eos {tok['eos']}, "
+        f"unk {tok['unk']}, pad {tok['pad']}, add_bos {tok['add_bos']}, "
+        f"chat template {'yes' if tok['chat_template'] else 'no'}",
+        "  stored as:   " + ", ".join(f"{k} x{v}" for k, v in info["storage_types"].items()),
+        "  files:       "
+        + ", ".join(f"{f['path']} ({f['size_bytes'] / 1e6:.1f} MB)" for f in info["files"]),
+    ]
+    click.echo("\n".join(lines))
+
+
+def _describe(model: Any) -> dict[str, Any]:
+    s = model.spec
+    tok = model.tokenizer
+    files = [{"path": str(p), "size_bytes": p.stat().st_size} for p in model.weights.files()]
+    return {
+        "source": model.source,
+        "name": model.name,
+        "origin": model.origin,
+        "architecture": s.architecture,
+        "n_params": s.n_params,
+        "spec": s.to_dict(),
+        "no_rope_layers": [i for i, r in enumerate(s.rope_layers) if not r],
+        "tokenizer": {
+            "model": "bpe",
+            "pre": tok.pre,
+            "vocab_size": tok.vocab_size,
+            "bos": tok.special.bos,
+            "eos": tok.special.eos,
+            "unk": tok.special.unk,
+            "pad": tok.special.pad,
+            "add_bos": tok.special.add_bos,
+            "chat_template": tok.chat_template is not None,
+        },
+        "storage_types": dict(sorted(Counter(model.storage_types().values()).items())),
+        "files": files,
+        "size_bytes": sum(f["size_bytes"] for f in files),
+        "metadata": model.metadata,
+    }
+
+
+@cli.command()
+@click.argument("source")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="bf16",
+    show_default=True,
+    help="Precision to run the model in, against the fp32 reference.",
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="UTF-8 text to score [default: CPython's pydoc topics].",
+)
+@click.option(
+    "--ctx",
+    type=click.IntRange(8),
+    default=512,
+    show_default=True,
+    help="Window length in tokens; the second half of each window is scored.",
+)
+@click.option(
+    "--windows",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="How many windows to score.",
+)
+@click.option(
+    "--latency/--no-latency",
+    default=True,
+    show_default=True,
+    help="Also time a 128-token prompt and 128 decode steps (in a fresh process).",
+)
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads.")
+@click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON to stdout.")
+def validate(source: str, as_json: bool, **options: Any) -> None:
+    """Measure SOURCE in another precision against its fp32 reference on the same tokens.
+
+    Reports perplexity and its ratio to the reference, KL divergence (mean, p99, max), top-1
+    agreement, time to first token, decode tokens/s and peak RSS.
+    SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
+    """
+    report = smolconvert.validate(source, quiet=False, **options)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        return
+    click.echo(_format_report(report))
+
+
+def _format_report(report: Any) -> str:
+    q = report.quality
+    lines = [
+        f"{report.model}: {report.candidate}",
+        f"  against:     {report.reference}",
+        f"  text:        {report.eval_text['name']}, {q.n_windows} windows x {q.ctx} tokens, "
+        f"{q.n_scored} scored",
+        f"  perplexity:  {q.ppl:.4f} (reference {q.ppl_reference:.4f}, ratio {q.ppl_ratio:.4f})",
+        f"  KLD:         mean {q.kld_mean:.6f}, p99 {q.kld_p99:.6f}, max {q.kld_max:.6f}",
+        f"  top-1:       {q.top1 * 100:.2f}% agreement",
+    ]
+    if report.size_bytes is not None:
+        lines.append(f"  size:        {report.size_bytes / 1e6:.1f} MB")
+    for label, lat in (("latency", report.latency), ("reference", report.reference_latency)):
+        if lat is not None:
+            lines.append(
+                f"  {label + ':':<12} TTFT {lat.ttft_ms:.1f} ms ({lat.prompt_tokens} tokens), "
+                f"decode {lat.decode_tok_s:.1f} tok/s, peak RSS {lat.peak_rss_mb:.0f} MB"
+            )
+    lines += [f"  note:        {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    cli(prog_name="smolconvert")
+
+
+if __name__ == "__main__":
+    main()

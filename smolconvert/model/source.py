@@ -1,0 +1,184 @@
+"""Resolve a source (HF folder, .gguf file or "default") into a CanonicalModel.
+
+A CanonicalModel is spec + lazy weights + tokenizer + where it came from; everything downstream
+(reference decoder, exporters, validators) starts from it. GGUF metadata is turned into the same
+config.json vocabulary ModelSpec reads, so there is one code path for sizes and refusals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from smolconvert.errors import ConfigError, CorruptFileError, UnsupportedError
+from smolconvert.model import weights as W
+from smolconvert.model.spec import ModelSpec
+from smolconvert.model.tokenizer import Tokenizer
+
+
+@dataclass
+class CanonicalModel:
+    spec: ModelSpec
+    weights: W.WeightSource
+    tokenizer: Tokenizer
+    source: str  # what the user passed
+    origin: str  # where the weights really come from, said plainly
+    name: str  # short name for artifact folders
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def sha256(self) -> str:
+        return W.fingerprint(self.weights)
+
+    def storage_types(self) -> dict[str, str]:
+        return {n: self.weights.storage_type(n) for n in self.weights.names()}
+
+
+def load_model(source: str | Path, allow_pickle: bool = False) -> CanonicalModel:
+    """Open a source without reading any tensor data yet."""
+    if str(source) == "default":
+        from smolconvert.model.default import ORIGIN_NOTE, default_gguf_path
+
+        model = _load_gguf(default_gguf_path(), "default")
+        model.name = "SmolLM2-135M-Instruct"
+        model.origin = ORIGIN_NOTE
+        return model
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"source {str(source)!r} does not exist; pass a Hugging Face model folder, "
+            "a .gguf file, or 'default'"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UnsupportedError(
+                f"{path} is a file but not .gguf; pass the model folder (with config.json) instead"
+            )
+        return _load_gguf(path, str(source))
+    return _load_folder(path, str(source), allow_pickle)
+
+
+def _load_folder(folder: Path, source: str, allow_pickle: bool) -> CanonicalModel:
+    spec = ModelSpec.from_file(folder / "config.json")
+    if any(folder.glob("*.safetensors")):
+        weights: W.WeightSource = W.SafetensorsSource(folder)
+        origin = f"safetensors in {folder}"
+    else:
+        pickles = sorted(folder.glob("pytorch_model*.bin"))
+        if not pickles:
+            raise CorruptFileError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+        if not allow_pickle:
+            raise UnsupportedError(
+                f"{folder} has only PyTorch pickle weights ({pickles[0].name}); unpickling can run "
+                "code. Convert them to safetensors, or pass --allow-pickle if you trust the file"
+            )
+        weights = W.PickleSource(pickles)
+        origin = f"PyTorch pickle checkpoint in {folder} (loaded with --allow-pickle)"
+    W.check_totality(weights, spec)
+    return CanonicalModel(
+        spec=spec,
+        weights=weights,
+        tokenizer=Tokenizer.from_folder(folder),
+        source=source,
+        origin=origin,
+        name=folder.resolve().name,
+    )
+
+
+def _load_gguf(path: Path, source: str) -> CanonicalModel:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
+        raise CorruptFileError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {e})"
+        ) from None
+    meta = _gguf_metadata(reader)
+    spec = ModelSpec.from_config(_gguf_config(meta, reader, path), origin=str(path))
+    weights = W.GGUFSource(path, reader, spec)
+    W.check_totality(weights, spec)
+    types = sorted({weights.storage_type(n) for n in weights.names()})
+    name = str(meta.get("general.name") or path.stem).replace(" ", "-")
+    return CanonicalModel(
+        spec=spec,
+        weights=weights,
+        tokenizer=Tokenizer.from_gguf(reader),
+        source=source,
+        origin=f"dequantized from GGUF {path.name} (stored as {', '.join(types)})",
+        name=name,
+        metadata={k: v for k, v in meta.items() if k.startswith("general.")},
+    )
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta = {}
+    for key, f in reader.fields.items():
+        if key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.scores",
+        ):
+            continue  # large arrays; the tokenizer reads them itself
+        try:
+            meta[key] = f.contents()
+        except Exception:
+            continue
+    return meta
+
+
+def _gguf_config(meta: dict[str, Any], reader: Any, path: Path) -> dict[str, Any]:
+    """Translate llama.cpp's metadata keys into config.json fields (FORMATS.md, GGUF keys)."""
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "smollm3"):
+        raise UnsupportedError(f"{path}: GGUF architecture {arch!r}; expected llama or smollm3")
+
+    def key(name: str, required: bool = True) -> Any:
+        value = meta.get(f"{arch}.{name}")
+        if value is None and required:
+            raise CorruptFileError(f"{path}: GGUF metadata lacks {arch}.{name}")
+        return value
+
+    scaling = key("rope.scaling.type", required=False)
+    if scaling not in (None, "none"):
+        raise UnsupportedError(f"{path}: rope scaling {scaling!r} is not supported")
+    n_heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    head_dim = key("attention.key_length", required=False) or hidden // n_heads
+    rope_dims = key("rope.dimension_count", required=False)
+    if rope_dims is not None and int(rope_dims) != int(head_dim):
+        raise UnsupportedError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims)")
+    vocab = key("vocab_size", required=False)
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    n_layers = int(key("block_count"))
+    names = {t.name for t in reader.tensors}
+    config: dict[str, Any] = {
+        "model_type": arch,
+        "num_hidden_layers": n_layers,
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", required=False) or n_heads),
+        "head_dim": int(head_dim),
+        "vocab_size": int(vocab),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(key("rope.freq_base", required=False) or 10000.0),
+        "max_position_embeddings": int(key("context_length")),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    for field_name, gguf_key in (
+        ("bos_token_id", "bos"),
+        ("eos_token_id", "eos"),
+        ("pad_token_id", "padding"),
+    ):
+        value = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
+        if value is not None:
+            config[field_name] = int(value)
+    if arch == "smollm3":
+        # llama.cpp hard-codes SmolLM3's no-RoPE layers: every 4th (3, 7, 11, ...).
+        config["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(n_layers)]
+    return config

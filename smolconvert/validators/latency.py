@@ -1,0 +1,106 @@
+"""The latency protocol, measured in a fresh Python process.
+
+A 128-token prompt gives the time to first token; 128 greedy steps with the KV cache give decode
+tokens/s; the child's peak RSS is the memory the runtime needed to do it (the parent has reference
+logits and other models in memory, so its own peak would say nothing). One warm-up generation runs
+first so one-time setup (thread pools, lazy weight packing) is not billed to the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from smolconvert.errors import SmolconvertError, ValidationError
+from smolconvert.validators.runner import RunnerSpec
+
+PROMPT_TOKENS = 128
+NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class LatencyMetrics:
+    prompt_tokens: int
+    new_tokens: int
+    ttft_ms: float
+    decode_tok_s: float
+    peak_rss_mb: float
+    runner: str  # the runner's own description of what ran
+    host: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def host_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.system()} {platform.machine()} {cpu}, {os.cpu_count()} cores".strip()
+
+
+def measure_latency(
+    spec: RunnerSpec, prompt_ids: Sequence[int], n_new: int = NEW_TOKENS
+) -> LatencyMetrics:
+    """Open the runner in a child process, warm it up, then time one prompt + n_new decode steps."""
+    request = json.dumps(
+        {"factory": spec.factory, "kwargs": spec.kwargs, "prompt": list(prompt_ids), "n_new": n_new}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "smolconvert.validators.latency"],
+        input=request,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise ValidationError(
+            f"latency measurement failed (exit {proc.returncode}): "
+            + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        )
+    answer = json.loads(lines[-1])
+    if "error" in answer:
+        raise ValidationError(f"latency measurement failed: {answer['error']}")
+    return LatencyMetrics(**answer)
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS: bytes; Linux: KiB
+
+
+def _child() -> None:
+    request = json.loads(sys.stdin.read())
+    try:
+        runner = RunnerSpec(request["factory"], request["kwargs"]).open()
+        prompt = request["prompt"]
+        runner.time_generation(prompt[:16], 4)
+        timing = runner.time_generation(prompt, request["n_new"])
+    except SmolconvertError as e:
+        print(json.dumps({"error": str(e)}))
+        return
+    print(
+        json.dumps(
+            asdict(
+                LatencyMetrics(
+                    prompt_tokens=timing.prompt_tokens,
+                    new_tokens=timing.new_tokens,
+                    ttft_ms=timing.ttft_ms,
+                    decode_tok_s=timing.decode_tok_s,
+                    peak_rss_mb=_peak_rss_mb(),
+                    runner=runner.description,
+                    host=host_description(),
+                )
+            )
+        )
+    )
+
+
+if __name__ == "__main__":
+    _child()

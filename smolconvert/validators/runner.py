@@ -1,0 +1,109 @@
+"""The Runner role (one per runtime) and the torch runner for the reference decoder itself.
+
+A runner answers two questions about a model on a given runtime: what are its logits for these
+tokens (quality), and how fast does it answer a prompt and decode (latency). Runners are opened from
+a RunnerSpec, a picklable (factory, arguments) pair, so latency can be measured in a fresh process
+whose peak memory belongs to the runner alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from smolconvert.errors import ConfigError
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    prompt_tokens: int
+    new_tokens: int
+    ttft_ms: float  # prompt processed and first token chosen
+    decode_tok_s: float  # greedy steps with the cache, after the first token
+    tokens: tuple[int, ...]  # the greedy continuation (first token included)
+
+
+class Runner(Protocol):
+    runtime: str  # "torch", "llama.cpp", "onnxruntime", ...
+    description: str  # what exactly ran, e.g. "torch 2.13.0 reference decoder, bf16, 2 threads"
+
+    def logits(self, token_ids: Sequence[int]) -> NDArray[np.float32]:
+        """(T, vocab) logits of one sequence; row t predicts token t+1."""
+        ...
+
+    def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming: ...
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """How to open a runner in any process: `factory` is "module:function", called with `kwargs`."""
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def open(self) -> Runner:
+        module, _, func = self.factory.partition(":")
+        return getattr(importlib.import_module(module), func)(**self.kwargs)  # type: ignore[no-any-return]
+
+
+class TorchRunner:
+    """The reference decoder in a chosen dtype, run with torch on the CPU."""
+
+    runtime = "torch"
+
+    def __init__(self, decoder: Any, dtype_name: str, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.decoder = decoder
+        self.description = (
+            f"torch {torch.__version__} reference decoder, {dtype_name}, "
+            f"{torch.get_num_threads()} threads"
+        )
+
+    def logits(self, token_ids: Sequence[int]) -> NDArray[np.float32]:
+        return self.decoder.logits(token_ids).numpy()  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming:
+        dec = self.decoder
+        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)[None]
+        n = ids.shape[1]
+        start = time.perf_counter()
+        logits, past = dec(ids, torch.ones_like(ids), torch.arange(n)[None], dec.empty_past())
+        token = int(logits[0, -1].argmax())
+        ttft = time.perf_counter() - start
+        tokens = [token]
+        start = time.perf_counter()
+        for step in range(n_new):
+            pos = n + step
+            step_ids = torch.tensor([[token]])
+            logits, past = dec(
+                step_ids, torch.ones(1, pos + 1, dtype=torch.long), torch.tensor([[pos]]), past
+            )
+            token = int(logits[0, -1].argmax())
+            tokens.append(token)
+        decode = time.perf_counter() - start
+        return GenerationTiming(n, n_new, ttft * 1e3, n_new / decode, tuple(tokens))
+
+
+def open_torch_runner(
+    source: str, dtype: str = "fp32", threads: int | None = None, allow_pickle: bool = False
+) -> TorchRunner:
+    """A TorchRunner for a source ("default", HF folder, .gguf) in dtype fp32, fp16 or bf16."""
+    from smolconvert.model.reference import build_reference
+    from smolconvert.model.source import load_model
+
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    model = load_model(source, allow_pickle=allow_pickle)
+    decoder = build_reference(model.spec, source=model.weights, dtype=TORCH_DTYPES[dtype])
+    return TorchRunner(decoder, dtype, threads)

@@ -1,0 +1,111 @@
+"""Validation: one candidate runner against the fp32 reference on the same tokens.
+
+The candidate is described by a RunnerSpec so its latency can be measured in a fresh process; its
+logits are taken in this process and compared with reference log-probabilities that are computed
+once per (model, text, ctx, windows). The report names what ran, on which host, against what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from smolconvert import progress
+from smolconvert.model.reference import build_reference
+from smolconvert.model.source import CanonicalModel
+from smolconvert.validators import latency as L
+from smolconvert.validators import quality as Q
+from smolconvert.validators.runner import RunnerSpec, TorchRunner
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    ctx: int = 512
+    windows: int = 8
+    latency: bool = True
+    threads: int | None = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    model: str
+    origin: str
+    candidate: str  # what ran, in the runner's own words
+    runtime: str
+    reference: str
+    eval_text: dict[str, Any]
+    quality: Q.QualityMetrics
+    size_bytes: int | None
+    latency: L.LatencyMetrics | None = None
+    reference_latency: L.LatencyMetrics | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "origin": self.origin,
+            "candidate": self.candidate,
+            "runtime": self.runtime,
+            "reference": self.reference,
+            "eval_text": self.eval_text,
+            "quality": self.quality.to_dict(),
+            "size_bytes": self.size_bytes,
+            "latency": self.latency.to_dict() if self.latency else None,
+            "reference_latency": self.reference_latency.to_dict()
+            if self.reference_latency
+            else None,
+            "notes": list(self.notes),
+        }
+
+
+def validate_runner(
+    model: CanonicalModel,
+    candidate: RunnerSpec,
+    text: Q.EvalText,
+    options: ValidateOptions = ValidateOptions(),
+    size_bytes: int | None = None,
+    notes: tuple[str, ...] = (),
+) -> ValidationReport:
+    step = progress.Steps(options.quiet)
+    step(f"tokenizing {text.name} into {options.windows} windows of {options.ctx} tokens")
+    windows = Q.tokenize_windows(model.tokenizer, text, options.ctx, options.windows)
+    key = (model.sha256, text.sha256, str(options.ctx), str(len(windows)))
+    reference = TorchRunner(
+        build_reference(model.spec, source=model.weights), "fp32", options.threads
+    )
+    step(f"scoring the reference ({reference.description})")
+    with progress.bar(len(windows), "reference") as bar:
+        ref_scores = Q.reference_scores(key, windows, reference.logits, bar.update)
+    del reference
+    runner = candidate.open()
+    step(f"scoring the candidate ({runner.description})")
+    with progress.bar(len(windows), "candidate") as bar:
+        metrics = Q.compare(ref_scores, runner.logits, bar.update)
+    description, runtime = runner.description, runner.runtime
+    del runner
+    lat = ref_lat = None
+    if options.latency:
+        prompt = [t for w in windows for t in w][: L.PROMPT_TOKENS]
+        step(f"timing the candidate: {L.PROMPT_TOKENS}-token prompt, {L.NEW_TOKENS} decode steps")
+        lat = L.measure_latency(candidate, prompt)
+        step("timing the reference the same way")
+        ref_spec = RunnerSpec(
+            "smolconvert.validators.runner:open_torch_runner",
+            {"source": model.source, "dtype": "fp32", "threads": options.threads},
+        )
+        ref_lat = L.measure_latency(ref_spec, prompt)
+    step("done")
+    return ValidationReport(
+        model=model.name,
+        origin=model.origin,
+        candidate=description,
+        runtime=runtime,
+        reference=f"reference decoder, fp32, on {model.origin}",
+        eval_text={"name": text.name, "sha256": text.sha256, "chars": len(text.text)},
+        quality=metrics,
+        size_bytes=size_bytes,
+        latency=lat,
+        reference_latency=ref_lat,
+        notes=notes,
+    )

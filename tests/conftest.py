@@ -1,0 +1,50 @@
+"""Shared fixtures: seeded tiny random models (written as real HF folders) and the default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tiny
+
+
+@pytest.fixture(params=["llama", "smollm3"])
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path, arch: str) -> Path:
+    """A tiny random model of `arch` as a Hugging Face folder (config, safetensors, tokenizer)."""
+    return tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from smolconvert.errors import MissingDependencyError
+    from smolconvert.model.default import default_gguf_path
+
+    try:
+        default_gguf_path()
+    except MissingDependencyError as e:
+        pytest.skip(str(e))
+    import smolconvert
+
+    return smolconvert.load("default")
+
+
+@pytest.fixture(scope="session")
+def default_reference(default_model):
+    from smolconvert.model.reference import build_reference
+
+    return build_reference(default_model.spec, source=default_model.weights)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
