@@ -9,6 +9,9 @@ Public API (the CLI is a thin layer over these):
     >>> report = smolconvert.validate("default", dtype="bf16", latency=False)
     >>> report.quality.kld_mean < 0.01
     True
+    >>> art = smolconvert.export("default", to="gguf:q4_k_m", out="out/q4km")
+    >>> smolconvert.validate(art.folder).quality.kld_mean < 0.1
+    True
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from smolconvert.artifact import Artifact
     from smolconvert.model.source import CanonicalModel
     from smolconvert.validators.validate import ValidationReport
 
-__all__ = ["__version__", "load", "validate"]
+__all__ = ["__version__", "export", "load", "validate"]
 
 
 def load(source: str | Path, *, allow_pickle: bool = False) -> CanonicalModel:
@@ -34,6 +38,40 @@ def load(source: str | Path, *, allow_pickle: bool = False) -> CanonicalModel:
     from smolconvert.model.source import load_model
 
     return load_model(source, allow_pickle=allow_pickle)
+
+
+def export(
+    source: str | Path,
+    *,
+    to: str,
+    out: str | Path | None = None,
+    imatrix_text: str | Path | None = None,
+    imatrix: bool = False,
+    allow_pickle: bool = False,
+    quiet: bool = True,
+) -> Artifact:
+    """Export `source` to a target such as "gguf:q4_k_m" into the folder `out`.
+
+    `out` defaults to `<model>-<family>-<scheme>` in the current folder. With `imatrix=True` (or an
+    `imatrix_text` file) quantizers weight their error by activation importance collected from
+    calibration text (default: the second half of CPython's pydoc topics).
+    """
+    from smolconvert.exporters import parse_target
+    from smolconvert.texts import default_calibration_text, load_text
+
+    family, scheme = parse_target(to)
+    model = load(source, allow_pickle=allow_pickle)
+    folder = Path(out) if out is not None else Path(f"{model.name}-{family.name}-{scheme}")
+    matrix = None
+    if imatrix or imatrix_text is not None:
+        from smolconvert.model.imatrix import collect_imatrix
+
+        text = load_text(imatrix_text, default_calibration_text())
+        matrix = collect_imatrix(model, text, quiet=quiet)
+    import importlib
+
+    exporter = getattr(importlib.import_module(family.module), f"export_{family.name}")
+    return exporter(model, scheme, folder, imatrix=matrix, quiet=quiet)  # type: ignore[no-any-return]
 
 
 def validate(
@@ -48,20 +86,54 @@ def validate(
     allow_pickle: bool = False,
     quiet: bool = True,
 ) -> ValidationReport:
-    """Compare the model run in `dtype` (fp32, fp16, bf16) with its fp32 reference, same tokens.
+    """Measure an artifact folder in its runtime, or a model run in `dtype`, against the reference.
 
-    Quality: `windows` windows of `ctx` tokens of `eval_text` (default: CPython's pydoc topics),
-    the second half of each scored. Latency (optional): measured in a fresh process.
+    For an artifact (a folder with artifact.json) the reference is the fp32 model it was exported
+    from; for a model source, the same model run in `dtype` (fp32, fp16, bf16) is compared with its
+    fp32 self. Quality: `windows` windows of `ctx` tokens of `eval_text` (default: CPython's pydoc
+    topics), the second half of each scored. Latency (optional): measured in a fresh process.
     """
+    from smolconvert.artifact import Artifact, is_artifact
     from smolconvert.errors import ConfigError
     from smolconvert.validators.quality import load_eval_text
     from smolconvert.validators.runner import TORCH_DTYPES, RunnerSpec
     from smolconvert.validators.validate import ValidateOptions, validate_runner
 
-    if dtype not in TORCH_DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     if windows < 1:
         raise ConfigError(f"windows must be at least 1, got {windows}")
+    options = ValidateOptions(
+        ctx=ctx, windows=windows, latency=latency, threads=threads, quiet=quiet
+    )
+    text = load_eval_text(eval_text)
+    if is_artifact(source):
+        from smolconvert.exporters import FAMILIES
+
+        art = Artifact.load(source)
+        model = load(art.meta["source"], allow_pickle=allow_pickle)
+        if model.sha256 != art.meta["source_sha256"]:
+            raise ConfigError(
+                f"{source} was exported from {art.meta['source']} with sha256 "
+                f"{art.meta['source_sha256'][:12]}..., but that source now hashes to "
+                f"{model.sha256[:12]}...; re-export the artifact"
+            )
+        runner = RunnerSpec(
+            FAMILIES[art.target].runner_factory,
+            {"path": str(art.path("model").resolve()), "n_ctx": max(ctx, 512), "threads": threads},
+        )
+        report = validate_runner(
+            model,
+            runner,
+            text,
+            options,
+            size_bytes=art.size_bytes,
+            notes=(f"target {art.target}:{art.scheme}",),
+        )
+        from smolconvert.artifact import ARTIFACT_FILE, write_json
+
+        write_json(art.folder / ARTIFACT_FILE, dict(art.meta, validation=report.to_dict()))
+        return report
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     model = load(source, allow_pickle=allow_pickle)
     candidate = RunnerSpec(
         "smolconvert.validators.runner:open_torch_runner",
@@ -71,8 +143,8 @@ def validate(
     return validate_runner(
         model,
         candidate,
-        load_eval_text(eval_text),
-        ValidateOptions(ctx=ctx, windows=windows, latency=latency, threads=threads, quiet=quiet),
+        text,
+        options,
         size_bytes=model.spec.n_params * elem,
         notes=(f"size_bytes is the weights' size in {dtype} (no file is written for this check)",),
     )

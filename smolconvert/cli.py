@@ -114,13 +114,68 @@ def _describe(model: Any) -> dict[str, Any]:
 
 
 @cli.command()
+@click.argument("source", required=False)
+@click.option("--to", "to", metavar="FAMILY:SCHEME", help="Target, e.g. gguf:q4_k_m or gguf:q8_0.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder [default: <model>-<family>-<scheme>].",
+)
+@click.option(
+    "--imatrix",
+    is_flag=True,
+    help="Weight quantization error by activation importance (built-in calibration).",
+)
+@click.option(
+    "--imatrix-text",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="UTF-8 calibration text for the importance matrix (implies --imatrix).",
+)
+@click.option("--list", "list_schemes", is_flag=True, help="List every target with bits/weight.")
+@click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
+@click.option("--json", "as_json", is_flag=True, help="Print artifact.json to stdout.")
+def export(
+    source: str | None, to: str | None, list_schemes: bool, as_json: bool, **options: Any
+) -> None:
+    """Export SOURCE to a device format; the folder holds the files and artifact.json.
+
+    SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
+    """
+    if list_schemes:
+        from smolconvert.exporters import FAMILIES
+
+        rows = [r for f in FAMILIES.values() for r in f.schemes()]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, sort_keys=True))
+            return
+        for r in rows:
+            mixture = f"  ({', '.join(r['mixture'])})" if r["mixture"] else ""
+            click.echo(f"{r['target']:<16} {r['bits_per_weight']:5.2f} bits/weight{mixture}")
+        return
+    if source is None or to is None:
+        raise click.UsageError("give SOURCE and --to FAMILY:SCHEME (or --list)")
+    art = smolconvert.export(source, to=to, quiet=False, **options)
+    if as_json:
+        click.echo(json.dumps(art.meta, indent=2, sort_keys=True))
+        return
+    types = Counter(art.meta.get("tensor_types", {}).values())
+    click.echo(
+        f"wrote {art.folder} ({art.size_bytes / 1e6:.1f} MB): "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
+    )
+
+
+@cli.command()
 @click.argument("source")
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "fp16", "bf16"]),
     default="bf16",
     show_default=True,
-    help="Precision to run the model in, against the fp32 reference.",
+    help="Precision to run a model source in (ignored for artifacts).",
 )
 @click.option(
     "--eval-text",
@@ -152,11 +207,13 @@ def _describe(model: Any) -> dict[str, Any]:
 @click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON to stdout.")
 def validate(source: str, as_json: bool, **options: Any) -> None:
-    """Measure SOURCE in another precision against its fp32 reference on the same tokens.
+    """Measure an artifact (or a model in another precision) against the fp32 reference.
 
-    Reports perplexity and its ratio to the reference, KL divergence (mean, p99, max), top-1
-    agreement, time to first token, decode tokens/s and peak RSS.
-    SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
+    SOURCE is an artifact folder written by `smolconvert export` (run in its own runtime, e.g.
+    llama.cpp, against the model it was exported from), or a model source (a Hugging Face folder,
+    a .gguf file or 'default') run in --dtype against its own fp32 self. Reports perplexity and its
+    ratio to the reference, KL divergence (mean, p99, max), top-1 agreement, time to first token,
+    decode tokens/s, peak RSS and size, all on the same tokens.
     """
     report = smolconvert.validate(source, quiet=False, **options)
     if as_json:

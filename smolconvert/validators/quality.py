@@ -9,7 +9,6 @@ log-probabilities are computed once per (model, text, ctx, windows) and reused w
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,40 +19,13 @@ import torch
 from numpy.typing import NDArray
 
 from smolconvert.errors import ConfigError
+from smolconvert.texts import EvalText, load_text
 
 Logits = Callable[[Sequence[int]], NDArray[np.float32]]
 
 
-@dataclass(frozen=True)
-class EvalText:
-    name: str
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
-
-
-def default_eval_text() -> EvalText:
-    """The English reference topics that ship with every CPython, in a stable order."""
-    from pydoc_data.topics import topics
-
-    return EvalText("pydoc_data.topics", "\n\n".join(topics[k] for k in sorted(topics)))
-
-
 def load_eval_text(path: str | Path | None) -> EvalText:
-    if path is None:
-        return default_eval_text()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"evaluation text {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"evaluation text {path} is not UTF-8 ({e})") from None
-    if not text.strip():
-        raise ConfigError(f"evaluation text {path} is empty")
-    return EvalText(path.name, text)
+    return load_text(path)
 
 
 def make_windows(

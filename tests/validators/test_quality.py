@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from smolconvert import texts
 from smolconvert.errors import ConfigError
 from smolconvert.validators import quality as Q
 
@@ -71,8 +72,10 @@ def test_metrics_equal_a_direct_computation() -> None:
 
 
 def test_default_text_is_stable_and_sizeable() -> None:
-    a, b = Q.default_eval_text(), Q.default_eval_text()
+    a, b = texts.default_eval_text(), texts.default_eval_text()
     assert a.sha256 == b.sha256 and len(a.text) > 100_000
+    calib = texts.default_calibration_text()
+    assert calib.text not in a.text[: len(a.text) // 2] and a.text.endswith(calib.text)
 
 
 def test_eval_text_errors(tmp_path) -> None:

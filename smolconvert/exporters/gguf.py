@@ -1,0 +1,219 @@
+"""GGUF export for llama.cpp and Ollama: metadata, tokenizer and tensors as llama.cpp's converter
+writes them, quantized by our codecs under llama.cpp's mixture rules (quantizers/recipes.py).
+
+Tensors are streamed: the header and tensor table are written from the plan first, then each tensor
+is read, permuted (Q/K rows), quantized and written before the next is read, so peak memory is one
+tensor plus the output buffer. Keys follow llama.cpp `conversion/llama.py` and `conversion/base.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from smolconvert import artifact as A
+from smolconvert import progress
+from smolconvert.errors import UnsupportedError
+from smolconvert.model import gguf_layout
+from smolconvert.model.imatrix import Imatrix
+from smolconvert.model.source import CanonicalModel
+from smolconvert.model.spec import ModelSpec
+from smolconvert.model.weights import canonical_names, expected_shape
+from smolconvert.quantizers.recipes import get_recipe, tensor_codec
+
+LAYOUT_NOTE = "llama.cpp @ 0c1e57098 (llama-cpp-python 0.3.36), gguf-py 0.19"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str  # canonical
+    gguf_name: str
+    shape: tuple[int, ...]  # HF order (rows, cols)
+    codec: str
+
+    @property
+    def qtype(self) -> gguf.GGMLQuantizationType:
+        return gguf.GGMLQuantizationType[self.codec.upper()]
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * type_size
+
+
+def plan(spec: ModelSpec, scheme: str, has_imatrix: bool = False) -> list[TensorPlan]:
+    """Every tensor with the codec llama.cpp's quantize would choose for this scheme."""
+    check_representable(spec)
+    recipe = get_recipe(scheme)
+    gqa = spec.n_heads // spec.n_kv_heads
+    out = []
+    for name in canonical_names(spec):
+        shape = expected_shape(spec, name)
+        codec = tensor_codec(
+            recipe, name, shape, spec.n_layers, gqa, spec.tie_word_embeddings, has_imatrix
+        )
+        out.append(TensorPlan(name, gguf_layout.gguf_name(name), shape, codec))
+    return out
+
+
+def check_representable(spec: ModelSpec) -> None:
+    if spec.architecture == "smollm3":
+        hard_coded = tuple((i + 1) % 4 != 0 for i in range(spec.n_layers))
+        if spec.rope_layers != hard_coded:
+            raise UnsupportedError(
+                "llama.cpp hard-codes SmolLM3's no-RoPE layers as every 4th layer (3, 7, ...); "
+                f"this model's pattern {[int(r) for r in spec.rope_layers]} cannot be represented "
+                "in GGUF"
+            )
+
+
+def export_gguf(
+    model: CanonicalModel,
+    scheme: str,
+    out: Path,
+    imatrix: Imatrix | None = None,
+    quiet: bool = False,
+) -> A.Artifact:
+    from smolconvert.quantizers import get_codec
+
+    spec = model.spec
+    tensors = plan(spec, scheme, imatrix is not None)
+    step = progress.Steps(quiet)
+    filename = f"{model.name}-{scheme}.gguf"
+    with A.staging(out) as stage:
+        writer = gguf.GGUFWriter(str(stage / filename), spec.architecture)
+        _write_metadata(writer, model, scheme, imatrix)
+        for t in tensors:
+            writer.add_tensor_info(
+                t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        step(f"writing {len(tensors)} tensors as {scheme}")
+        with progress.bar(len(tensors), "tensors") as bar:
+            for t in tensors:
+                w = model.weights.get(t.name).float().numpy()
+                heads = gguf_layout.rope_heads(t.name, spec.n_heads, spec.n_kv_heads)
+                if heads is not None:
+                    w = gguf_layout.permute_qk(w, heads)
+                importance = imatrix.get(t.name) if imatrix is not None else None
+                data = get_codec(t.codec).quantize(np.ascontiguousarray(w, np.float32), importance)
+                assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
+                writer.write_tensor_data(data)
+                bar.update(1)
+        writer.close()
+        meta = {
+            "format": "gguf",
+            "target": "gguf",
+            "scheme": scheme,
+            "model": model.name,
+            "source": model.source,
+            "source_sha256": model.sha256,
+            "origin": model.origin,
+            "spec": spec.to_dict(),
+            "entry_points": {"model": filename},
+            "tensor_types": {t.gguf_name: t.qtype.name for t in tensors},
+            "imatrix": imatrix.describe() if imatrix is not None else None,
+            "layout": LAYOUT_NOTE,
+            "tool_versions": A.tool_versions("gguf", "numpy", "torch"),
+            "min_runtime": {"llama.cpp": "b6000 (GGUF v3)"},
+        }
+        meta = A.finish(stage, meta)
+    return A.Artifact(out, meta)
+
+
+def _size_label(n_params: int) -> str:
+    return f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{round(n_params / 1e6)}M"
+
+
+def _write_metadata(
+    w: gguf.GGUFWriter, model: CanonicalModel, scheme: str, imatrix: Imatrix | None
+) -> None:
+    spec, meta = model.spec, model.metadata
+    recipe = get_recipe(scheme)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(model.name)
+    for key, adder in (
+        ("general.basename", w.add_basename),
+        ("general.finetune", w.add_finetune),
+        ("general.license", w.add_license),
+        ("general.organization", w.add_organization),
+    ):
+        if isinstance(meta.get(key), str):
+            adder(meta[key])
+    w.add_size_label(str(meta.get("general.size_label") or _size_label(spec.n_params)))
+    w.add_file_type(recipe.file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(spec.n_layers)
+    w.add_context_length(spec.max_position_embeddings)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    w.add_vocab_size(spec.vocab_size)
+    w.add_rope_dimension_count(spec.head_dim)
+    # llama.cpp's converter writes these whenever config.json has head_dim (transformers 5 always).
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    _write_tokenizer(w, model)
+    if imatrix is not None:
+        info = imatrix.describe()
+        w.add_string("quantize.imatrix.dataset", info["text_name"])
+        w.add_string("quantize.imatrix.dataset_sha256", info["text_sha256"])
+        w.add_uint32("quantize.imatrix.dataset_chars", info["text_chars"])
+        w.add_uint32("quantize.imatrix.entries_count", info["entries"])
+        w.add_uint32("quantize.imatrix.chunks_count", info["chunks"])
+
+
+def _write_tokenizer(w: gguf.GGUFWriter, model: CanonicalModel) -> None:
+    tok = model.tokenizer
+    vocab = tok.gguf_vocab()
+    if len(vocab.tokens) != model.spec.vocab_size:
+        raise UnsupportedError(
+            f"the tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is "
+            f"{model.spec.vocab_size}; llama.cpp needs them equal"
+        )
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.token_types)
+    w.add_token_merges(vocab.merges)
+    special = tok.special
+    for value, adder in (
+        (special.bos, w.add_bos_token_id),
+        (special.eos, w.add_eos_token_id),
+        (special.unk, w.add_unk_token_id),
+        (special.pad, w.add_pad_token_id),
+    ):
+        if value is not None:
+            adder(value)
+    # llama.cpp's converter forces add_bos_token=False for 49152-token vocabularies (all SmolLM).
+    w.add_add_bos_token(bool(special.add_bos) and model.spec.vocab_size != 49152)
+    w.add_add_eos_token(False)  # encode() never appends eos
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+def describe_schemes() -> list[dict[str, Any]]:
+    from smolconvert.quantizers.recipes import RECIPES, block_size
+
+    rows = []
+    for name, r in sorted(RECIPES.items()):
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[r.default.upper()]]
+        rows.append(
+            {
+                "target": f"gguf:{name}",
+                "default_codec": r.default,
+                "bits_per_weight": 8 * type_size / block,
+                "block_size": block_size(r.default),
+                "mixture": [f"{x.role}->{x.codec}" for x in r.rules],
+            }
+        )
+    return rows

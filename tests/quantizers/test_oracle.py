@@ -1,0 +1,131 @@
+"""Our codecs against llama.cpp itself: identical bytes, identical decoding, same use of importance.
+
+The oracle is libggml from llama-cpp-python (see ggml_oracle.py); the end-to-end check runs
+`llama_model_quantize` on a tiny f32 GGUF and compares every tensor it wrote with ours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from smolconvert.quantizers import CODECS
+from tests.quantizers.conftest import importances, mixed_weights
+from tests.quantizers.ggml_oracle import Ggml
+
+pytestmark = pytest.mark.needs_llama_cpp
+
+COLS = 768  # three K-quant super-blocks, 24 legacy blocks per row
+WEIGHTS = mixed_weights(24, COLS)
+IMPORTANCE = {"none": None, "spread": importances(COLS)[0], "sparse": importances(COLS)[1]}
+
+
+def _report(name: str, ours: np.ndarray, theirs: np.ndarray) -> str:
+    codec = CODECS[name]
+    same = (ours.reshape(-1, codec.type_size) == theirs.reshape(-1, codec.type_size)).all(axis=1)
+    diff = np.abs(codec.dequantize(ours, WEIGHTS.shape) - codec.dequantize(theirs, WEIGHTS.shape))
+    return f"{same.mean():.2%} of blocks identical, max dequantized difference {np.nanmax(diff)}"
+
+
+@pytest.mark.parametrize("importance", sorted(IMPORTANCE))
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_bytes_equal_llama_cpp_s(ggml: Ggml, name: str, importance: str) -> None:
+    codec = CODECS[name]
+    qw = IMPORTANCE[importance]
+    ours = codec.quantize(WEIGHTS, qw)
+    theirs = ggml.quantize(name, WEIGHTS, qw)
+    assert np.array_equal(ours, theirs), _report(name, ours, theirs)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_dequantize_equals_llama_cpp_s(ggml: Ggml, name: str) -> None:
+    codec = CODECS[name]
+    data = ggml.quantize(name, WEIGHTS, IMPORTANCE["spread"])
+    theirs = ggml.dequantize(name, data, WEIGHTS.size).reshape(WEIGHTS.shape)
+    np.testing.assert_array_equal(codec.dequantize(data, WEIGHTS.shape), theirs)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_uses_importance_exactly_where_llama_cpp_does(ggml: Ggml, name: str) -> None:
+    plain = ggml.quantize(name, WEIGHTS)
+    weighted = ggml.quantize(name, WEIGHTS, IMPORTANCE["spread"])
+    assert CODECS[name].uses_importance == (not np.array_equal(plain, weighted))
+
+
+def _tiny_f32_gguf(path: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A 2-layer llama with 256-wide rows and the keys llama_model_quantize reads (no vocab)."""
+    hidden, ffn, vocab, layers = 256, 512, 512, 2
+    shapes = {"token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_q.weight": (hidden, hidden),
+            f"blk.{i}.attn_k.weight": (hidden // 2, hidden),
+            f"blk.{i}.attn_v.weight": (hidden // 2, hidden),
+            f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+            f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+            f"blk.{i}.attn_norm.weight": (hidden,),
+            f"blk.{i}.ffn_norm.weight": (hidden,),
+        }
+    shapes["output_norm.weight"] = (hidden,)
+    data = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, tensor in data.items():
+        w.add_tensor(name, tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return data
+
+
+@pytest.mark.parametrize(
+    ("ftype", "expected"),
+    [
+        ("Q4_K_M", {"q4_k", "q6_k"}),
+        ("Q3_K_M", {"q3_k", "q4_k", "q5_k", "q6_k"}),
+        ("Q2_K", {"q2_k", "q3_k", "q6_k"}),
+        ("Q5_K_S", {"q5_k", "q6_k"}),
+        ("Q4_0", {"q4_0", "q6_k"}),
+        ("Q5_1", {"q5_1", "q6_k"}),
+    ],
+)
+def test_llama_model_quantize_writes_our_bytes(
+    ggml: Ggml, tmp_path: Path, ftype: str, expected: set[str]
+) -> None:
+    import llama_cpp
+
+    data = _tiny_f32_gguf(tmp_path / "f32.gguf", np.random.default_rng(5))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    out = tmp_path / f"{ftype}.gguf"
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(tmp_path / "f32.gguf").encode(), str(out).encode(), ctypes.byref(params)
+        )
+        == 0
+    )
+    seen = set()
+    for t in gguf.GGUFReader(str(out)).tensors:
+        name = t.tensor_type.name.lower()
+        seen.add(name)
+        ours = CODECS[name].quantize(data[t.name], None)
+        theirs = np.asarray(t.data).view(np.uint8).reshape(ours.shape)
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"{t.name} as {name}")
+    assert expected <= seen
