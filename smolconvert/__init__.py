@@ -139,12 +139,11 @@ def validate(
         "smolconvert.validators.runner:open_torch_runner",
         {"source": str(source), "dtype": dtype, "threads": threads, "allow_pickle": allow_pickle},
     )
-    elem = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     return validate_runner(
         model,
         candidate,
         text,
         options,
-        size_bytes=model.spec.n_params * elem,
+        size_bytes=model.spec.n_params * TORCH_DTYPES[dtype].itemsize,
         notes=(f"size_bytes is the weights' size in {dtype} (no file is written for this check)",),
     )

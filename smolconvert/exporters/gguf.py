@@ -202,18 +202,16 @@ def _write_tokenizer(w: gguf.GGUFWriter, model: CanonicalModel) -> None:
 
 
 def describe_schemes() -> list[dict[str, Any]]:
-    from smolconvert.quantizers.recipes import RECIPES, block_size
+    from smolconvert.quantizers import CODECS
+    from smolconvert.quantizers.recipes import RECIPES
 
-    rows = []
-    for name, r in sorted(RECIPES.items()):
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[r.default.upper()]]
-        rows.append(
-            {
-                "target": f"gguf:{name}",
-                "default_codec": r.default,
-                "bits_per_weight": 8 * type_size / block,
-                "block_size": block_size(r.default),
-                "mixture": [f"{x.role}->{x.codec}" for x in r.rules],
-            }
-        )
-    return rows
+    return [
+        {
+            "target": f"gguf:{name}",
+            "default_codec": r.default,
+            "bits_per_weight": CODECS[r.default].bits_per_weight,
+            "block_size": CODECS[r.default].block_size,
+            "mixture": [f"{x.role}->{x.codec}" for x in r.rules],
+        }
+        for name, r in sorted(RECIPES.items())
+    ]

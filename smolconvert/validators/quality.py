@@ -96,6 +96,10 @@ class ReferenceScores:
 _REFERENCE_CACHE: dict[tuple[str, ...], ReferenceScores] = {}
 
 
+def cached_reference_scores(key: tuple[str, ...]) -> ReferenceScores | None:
+    return _REFERENCE_CACHE.get(key)
+
+
 def reference_scores(
     key: tuple[str, ...], windows: list[list[int]], logits: Logits, progress: Any = None
 ) -> ReferenceScores:

@@ -71,13 +71,15 @@ def validate_runner(
     step(f"tokenizing {text.name} into {options.windows} windows of {options.ctx} tokens")
     windows = Q.tokenize_windows(model.tokenizer, text, options.ctx, options.windows)
     key = (model.sha256, text.sha256, str(options.ctx), str(len(windows)))
-    reference = TorchRunner(
-        build_reference(model.spec, source=model.weights), "fp32", options.threads
-    )
-    step(f"scoring the reference ({reference.description})")
-    with progress.bar(len(windows), "reference") as bar:
-        ref_scores = Q.reference_scores(key, windows, reference.logits, bar.update)
-    del reference
+    ref_scores = Q.cached_reference_scores(key)
+    if ref_scores is None:  # build the fp32 decoder only when this reference was never scored
+        reference = TorchRunner(
+            build_reference(model.spec, source=model.weights), "fp32", options.threads
+        )
+        step(f"scoring the reference ({reference.description})")
+        with progress.bar(len(windows), "reference") as bar:
+            ref_scores = Q.reference_scores(key, windows, reference.logits, bar.update)
+        del reference
     runner = candidate.open()
     step(f"scoring the candidate ({runner.description})")
     with progress.bar(len(windows), "candidate") as bar:
