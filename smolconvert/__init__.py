@@ -16,8 +16,9 @@ Public API (the CLI is a thin layer over these):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ def export(
     out: str | Path | None = None,
     imatrix_text: str | Path | None = None,
     imatrix: bool = False,
+    options: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
     quiet: bool = True,
 ) -> Artifact:
@@ -54,12 +56,15 @@ def export(
 
     `out` defaults to `<model>-<family>-<scheme>` in the current folder. With `imatrix=True` (or an
     `imatrix_text` file) quantizers weight their error by activation importance collected from
-    calibration text (default: the second half of CPython's pydoc topics).
+    calibration text (default: the second half of CPython's pydoc topics). `options` are the
+    family's own choices, e.g. {"layout": "genai"} for ONNX or {"mlc_scales": "search"} for MLC
+    (`smolconvert export --list` shows them all); unknown keys or values are errors.
     """
     from smolconvert.exporters import parse_target
     from smolconvert.texts import default_calibration_text, load_text
 
     family, scheme = parse_target(to)
+    resolved = family.resolve_options(options)
     model = load(source, allow_pickle=allow_pickle)
     folder = Path(out) if out is not None else Path(f"{model.name}-{family.name}-{scheme}")
     matrix = None
@@ -68,10 +73,10 @@ def export(
 
         text = load_text(imatrix_text, default_calibration_text())
         matrix = collect_imatrix(model, text, quiet=quiet)
-    import importlib
-
-    exporter = getattr(importlib.import_module(family.module), f"export_{family.name}")
-    return exporter(model, scheme, folder, imatrix=matrix, quiet=quiet)  # type: ignore[no-any-return]
+    exporter = getattr(family.load(), f"export_{family.name}")
+    return exporter(  # type: ignore[no-any-return]
+        model, scheme, folder, imatrix=matrix, quiet=quiet, options=resolved
+    )
 
 
 def validate(

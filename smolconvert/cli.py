@@ -134,15 +134,48 @@ def _describe(model: Any) -> dict[str, Any]:
     default=None,
     help="UTF-8 calibration text for the importance matrix (implies --imatrix).",
 )
+@click.option(
+    "--layout",
+    default=None,
+    help="ONNX folder layout: transformers.js or genai (see `export --list`).",
+)
+@click.option(
+    "--kv-cache",
+    default=None,
+    help="Core ML KV cache: stateful (iOS 18 / macOS 15) or stateless (iOS 17).",
+)
+@click.option(
+    "--mlc-scales",
+    default=None,
+    help="MLC group scales: mlc (bit-identical to mlc_llm convert_weight) or search.",
+)
+@click.option(
+    "-O",
+    "--option",
+    "extra",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other exporter option (repeatable; see `export --list`).",
+)
 @click.option("--list", "list_schemes", is_flag=True, help="List every target with bits/weight.")
 @click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
 @click.option("--json", "as_json", is_flag=True, help="Print artifact.json to stdout.")
 def export(
-    source: str | None, to: str | None, list_schemes: bool, as_json: bool, **options: Any
+    source: str | None,
+    to: str | None,
+    list_schemes: bool,
+    as_json: bool,
+    layout: str | None,
+    kv_cache: str | None,
+    mlc_scales: str | None,
+    extra: tuple[str, ...],
+    **kwargs: Any,
 ) -> None:
     """Export SOURCE to a device format; the folder holds the files and artifact.json.
 
     SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
+    Targets: gguf:<type> for llama.cpp, onnx:<precision> for onnxruntime / Transformers.js /
+    onnxruntime-genai, coreml:<precision> for Core ML, mlc:<scheme> for MLC LLM.
     """
     if list_schemes:
         from smolconvert.exporters import FAMILIES
@@ -152,12 +185,24 @@ def export(
             click.echo(json.dumps(rows, indent=2, sort_keys=True))
             return
         for r in rows:
-            mixture = f"  ({', '.join(r['mixture'])})" if r["mixture"] else ""
+            mixture = f"  ({', '.join(r['mixture'])})" if r.get("mixture") else ""
             click.echo(f"{r['target']:<16} {r['bits_per_weight']:5.2f} bits/weight{mixture}")
+        for f in FAMILIES.values():
+            for key, values in f.options().items():
+                click.echo(f"option {f.name} {key}: {' | '.join(values)} (default {values[0]})")
         return
     if source is None or to is None:
         raise click.UsageError("give SOURCE and --to FAMILY:SCHEME (or --list)")
-    art = smolconvert.export(source, to=to, quiet=False, **options)
+    options = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    for key, value in (("layout", layout), ("kv_cache", kv_cache), ("mlc_scales", mlc_scales)):
+        if value is not None:
+            options[key] = value
+    art = smolconvert.export(source, to=to, options=options, quiet=False, **kwargs)
     if as_json:
         click.echo(json.dumps(art.meta, indent=2, sort_keys=True))
         return

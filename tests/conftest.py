@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,25 @@ def default_reference(default_model):
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip when a runtime or tool is missing (reason printed); in CI (CI=true) fail instead,
+    because CI installs everything and a silent skip there would hide a broken install."""
+    if ok:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must have this: {reason}")
+    pytest.skip(reason)
+
+
+def require_module(name: str, extra: str) -> None:
+    import importlib.util
+
+    require(
+        importlib.util.find_spec(name) is not None,
+        f"needs {name}: pip install 'smolconvert[{extra}]'",
+    )
 
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

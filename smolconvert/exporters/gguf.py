@@ -25,6 +25,7 @@ from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import canonical_names, expected_shape
 from smolconvert.quantizers.recipes import get_recipe, tensor_codec
 
+OPTIONS: dict[str, tuple[str, ...]] = {}  # GGUF has no layout choices; the scheme says it all
 LAYOUT_NOTE = "llama.cpp @ 0c1e57098 (llama-cpp-python 0.3.36), gguf-py 0.19"
 
 
@@ -77,6 +78,7 @@ def export_gguf(
     out: Path,
     imatrix: Imatrix | None = None,
     quiet: bool = False,
+    options: dict[str, str] | None = None,
 ) -> A.Artifact:
     from smolconvert.quantizers import get_codec
 

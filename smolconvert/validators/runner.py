@@ -35,6 +35,8 @@ class GenerationTiming:
 class Runner(Protocol):
     runtime: str  # "torch", "llama.cpp", "onnxruntime", ...
     description: str  # what exactly ran, e.g. "torch 2.13.0 reference decoder, bf16, 2 threads"
+    # A runner may also carry `notes: tuple[str, ...]`, copied into every report it produces (say
+    # what it is not, e.g. "weight-level: the MLC runtime did not run").
 
     def logits(self, token_ids: Sequence[int]) -> NDArray[np.float32]:
         """(T, vocab) logits of one sequence; row t predicts token t+1."""

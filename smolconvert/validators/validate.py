@@ -85,6 +85,7 @@ def validate_runner(
     with progress.bar(len(windows), "candidate") as bar:
         metrics = Q.compare(ref_scores, runner.logits, bar.update)
     description, runtime = runner.description, runner.runtime
+    notes = (*notes, *getattr(runner, "notes", ()))  # e.g. "weight-level: MLC runtime not run"
     del runner
     lat = ref_lat = None
     if options.latency:
