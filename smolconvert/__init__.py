@@ -25,9 +25,11 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from smolconvert.artifact import Artifact
     from smolconvert.model.source import CanonicalModel
+    from smolconvert.release_pipeline import ReleaseResult
+    from smolconvert.release_config import ReleaseConfig
     from smolconvert.validators.validate import ValidationReport
 
-__all__ = ["__version__", "export", "load", "validate"]
+__all__ = ["__version__", "export", "load", "merge_releases", "release", "validate"]
 
 
 def load(source: str | Path, *, allow_pickle: bool = False) -> CanonicalModel:
@@ -73,9 +75,8 @@ def export(
 
         text = load_text(imatrix_text, default_calibration_text())
         matrix = collect_imatrix(model, text, quiet=quiet)
-    exporter = getattr(family.load(), f"export_{family.name}")
-    return exporter(  # type: ignore[no-any-return]
-        model, scheme, folder, imatrix=matrix, quiet=quiet, options=resolved
+    return family.export(  # type: ignore[no-any-return]
+        model, scheme, folder, imatrix=matrix, options=resolved, quiet=quiet
     )
 
 
@@ -111,32 +112,11 @@ def validate(
     )
     text = load_eval_text(eval_text)
     if is_artifact(source):
-        from smolconvert.exporters import FAMILIES
+        from smolconvert.validators.validate import validate_artifact
 
         art = Artifact.load(source)
         model = load(art.meta["source"], allow_pickle=allow_pickle)
-        if model.sha256 != art.meta["source_sha256"]:
-            raise ConfigError(
-                f"{source} was exported from {art.meta['source']} with sha256 "
-                f"{art.meta['source_sha256'][:12]}..., but that source now hashes to "
-                f"{model.sha256[:12]}...; re-export the artifact"
-            )
-        runner = RunnerSpec(
-            FAMILIES[art.target].runner_factory,
-            {"path": str(art.path("model").resolve()), "n_ctx": max(ctx, 512), "threads": threads},
-        )
-        report = validate_runner(
-            model,
-            runner,
-            text,
-            options,
-            size_bytes=art.size_bytes,
-            notes=(f"target {art.target}:{art.scheme}",),
-        )
-        from smolconvert.artifact import ARTIFACT_FILE, write_json
-
-        write_json(art.folder / ARTIFACT_FILE, dict(art.meta, validation=report.to_dict()))
-        return report
+        return validate_artifact(art, model, text, options)
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     model = load(source, allow_pickle=allow_pickle)
@@ -152,3 +132,36 @@ def validate(
         size_bytes=model.spec.n_params * TORCH_DTYPES[dtype].itemsize,
         notes=(f"size_bytes is the weights' size in {dtype} (no file is written for this check)",),
     )
+
+
+def release(
+    config: str | Path | dict[str, Any] | ReleaseConfig,
+    *,
+    shard: tuple[int, int] | str | None = None,
+    force: bool = False,
+    quiet: bool = True,
+    events: Any = None,
+) -> ReleaseResult:
+    """Build, validate and gate every target of a release config (a TOML path or a dict).
+
+    Writes manifest.json, report.json, report.md and report.html into the config's `out` folder
+    and returns a ReleaseResult; `result.failures` lists every missed budget (nothing is raised
+    for those). Cached by content: unchanged targets are neither rebuilt nor re-measured.
+    `shard=(i, n)` or "i/n" builds a stable subset; `events` is called with one dict per step.
+
+    >>> result = smolconvert.release("examples/release-default.toml")
+    >>> result.passed, [a["name"] for a in result.manifest["artifacts"]]
+    """
+    from smolconvert.release_pipeline import release as run
+    from smolconvert.release_config import parse_shard
+
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
+    return run(config, shard=shard, force=force, quiet=quiet, events=events)
+
+
+def merge_releases(dirs: list[str | Path], out: str | Path) -> ReleaseResult:
+    """Join the outputs of release shards into one release (manifest and reports) in `out`."""
+    from smolconvert.release_pipeline import merge
+
+    return merge(dirs, out)

@@ -290,6 +290,63 @@ def _format_report(report: Any) -> str:
     return "\n".join(lines)
 
 
+class _DefaultGroup(_Group):
+    """`release CONFIG` runs a release; `release merge DIR...` is the one other subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_DefaultGroup)
+def release() -> None:
+    """Build every target of a release config, validate and gate each, write manifest and report.
+
+    \b
+      smolconvert release CONFIG [--shard i/n] [--force] [--json-events]
+      smolconvert release merge DIR... -o OUT
+
+    Exit status: 0 when every artifact meets its budget, 3 when a gate fails (each failure is
+    printed: target, metric, budget and value), 2 for a bad config or input.
+    """
+
+
+@release.command("run")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--shard", default=None, metavar="I/N", help="Build only shard I of N (stable).")
+@click.option("--force", is_flag=True, help="Rebuild and re-measure even what is cached.")
+@click.option("--json-events", is_flag=True, help="Emit one JSON line per step on stdout (for CI).")
+def release_run(config: Path, shard: str | None, force: bool, json_events: bool) -> None:
+    """Run the release described by CONFIG (TOML; see examples/release-default.toml)."""
+
+    def emit(event: dict[str, Any]) -> None:
+        click.echo(json.dumps(event, sort_keys=True))
+
+    result = smolconvert.release(
+        config, shard=shard, force=force, quiet=False, events=emit if json_events else None
+    )
+    _finish_release(result, json_events)
+
+
+@release.command("merge")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+def release_merge(dirs: tuple[Path, ...], out: Path) -> None:
+    """Join shard outputs (DIR...) into one release with one manifest and report in OUT."""
+    _finish_release(smolconvert.merge_releases(list(dirs), out), json_events=False)
+
+
+def _finish_release(result: Any, json_events: bool) -> None:
+    if not json_events:
+        click.echo((result.out / "report.md").read_text(encoding="utf-8"))
+    click.echo(f"release: {result.out} in {result.wall_s:.0f} s", err=True)
+    for f in result.failures:
+        click.echo(f"gate failed: {f.message()}", err=True)
+    if result.failures:
+        sys.exit(3)
+
+
 def main() -> None:
     cli(prog_name="smolconvert")
 

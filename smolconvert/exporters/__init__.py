@@ -22,12 +22,29 @@ class Family:
     module: str  # smolconvert.exporters.<module>: export_<name>, describe_schemes, OPTIONS
     runner_factory: str  # "module:function" opening a runner on the artifact's "model" entry point
     install_hint: str  # the extra that brings its runtime
+    libraries: tuple[str, ...] = ()  # distributions whose version changes what is built or measured
 
     def load(self) -> Any:
         return importlib.import_module(self.module)
 
     def schemes(self) -> list[dict[str, Any]]:
         return self.load().describe_schemes()  # type: ignore[no-any-return]
+
+    def export(
+        self,
+        model: Any,
+        scheme: str,
+        out: Any,
+        *,
+        imatrix: Any = None,
+        options: Mapping[str, Any] | None = None,
+        quiet: bool = True,
+    ) -> Any:
+        """Run the family's exporter; returns the Artifact it wrote."""
+        exporter = getattr(self.load(), f"export_{self.name}")
+        return exporter(
+            model, scheme, out, imatrix=imatrix, quiet=quiet, options=self.resolve_options(options)
+        )
 
     def options(self) -> dict[str, tuple[str, ...]]:
         return dict(getattr(self.load(), "OPTIONS", {}))
@@ -59,24 +76,28 @@ FAMILIES = {
         "smolconvert.exporters.gguf",
         "smolconvert.validators.llamacpp:open_llamacpp_runner",
         "pip install 'smolconvert[gguf]'",
+        ("gguf", "numpy", "torch", "llama-cpp-python"),
     ),
     "onnx": Family(
         "onnx",
         "smolconvert.exporters.onnx",
         "smolconvert.validators.onnxruntime:open_onnxruntime_runner",
         "pip install 'smolconvert[onnx]'",
+        ("onnx", "onnxruntime", "onnxscript", "numpy", "torch"),
     ),
     "coreml": Family(
         "coreml",
         "smolconvert.exporters.coreml",
         "smolconvert.validators.coreml:open_coreml_runner",
         "pip install 'smolconvert[coreml]'",
+        ("coremltools", "numpy", "torch"),
     ),
     "mlc": Family(
         "mlc",
         "smolconvert.exporters.mlc",
         "smolconvert.validators.mlc:open_mlc_runner",
         "pip install 'smolconvert[mlc]'",
+        ("apache-tvm", "numpy", "torch"),
     ),
 }
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smolconvert import progress
+from smolconvert.artifact import ARTIFACT_FILE, Artifact, write_json
+from smolconvert.errors import ConfigError
 from smolconvert.model.reference import build_reference
 from smolconvert.model.source import CanonicalModel
 from smolconvert.validators import latency as L
@@ -25,6 +27,7 @@ class ValidateOptions:
     latency: bool = True
     threads: int | None = None
     quiet: bool = False
+    reference_latency: bool = True  # a release times the reference once, not per artifact
 
 
 @dataclass(frozen=True)
@@ -89,15 +92,12 @@ def validate_runner(
     del runner
     lat = ref_lat = None
     if options.latency:
-        prompt = [t for w in windows for t in w][: L.PROMPT_TOKENS]
+        prompt = latency_prompt(windows)
         step(f"timing the candidate: {L.PROMPT_TOKENS}-token prompt, {L.NEW_TOKENS} decode steps")
         lat = L.measure_latency(candidate, prompt)
-        step("timing the reference the same way")
-        ref_spec = RunnerSpec(
-            "smolconvert.validators.runner:open_torch_runner",
-            {"source": model.source, "dtype": "fp32", "threads": options.threads},
-        )
-        ref_lat = L.measure_latency(ref_spec, prompt)
+        if options.reference_latency:
+            step("timing the reference the same way")
+            ref_lat = measure_reference_latency(model, windows, options.threads)
     step("done")
     return ValidationReport(
         model=model.name,
@@ -112,3 +112,55 @@ def validate_runner(
         reference_latency=ref_lat,
         notes=notes,
     )
+
+
+def latency_prompt(windows: list[list[int]]) -> list[int]:
+    return [t for w in windows for t in w][: L.PROMPT_TOKENS]
+
+
+def measure_reference_latency(
+    model: CanonicalModel, windows: list[list[int]], threads: int | None
+) -> L.LatencyMetrics:
+    """The fp32 reference decoder timed with the same protocol as every candidate."""
+    ref_spec = RunnerSpec(
+        "smolconvert.validators.runner:open_torch_runner",
+        {"source": model.source, "dtype": "fp32", "threads": threads},
+    )
+    return L.measure_latency(ref_spec, latency_prompt(windows))
+
+
+def validate_artifact(
+    art: Artifact,
+    model: CanonicalModel,
+    text: Q.EvalText,
+    options: ValidateOptions = ValidateOptions(),
+) -> ValidationReport:
+    """Run an artifact in its own runtime against the model it was exported from; the report is
+    also written into its artifact.json under "validation"."""
+    from smolconvert.exporters import FAMILIES
+
+    if model.sha256 != art.meta["source_sha256"]:
+        raise ConfigError(
+            f"{art.folder} was exported from {art.meta['source']} with sha256 "
+            f"{art.meta['source_sha256'][:12]}..., but that source now hashes to "
+            f"{model.sha256[:12]}...; re-export the artifact"
+        )
+    runner = RunnerSpec(
+        FAMILIES[art.target].runner_factory,
+        {
+            "path": str(art.path("model").resolve()),
+            "n_ctx": max(options.ctx, 512),
+            "threads": options.threads,
+        },
+    )
+    report = validate_runner(
+        model,
+        runner,
+        text,
+        options,
+        size_bytes=art.size_bytes,
+        notes=(f"target {art.target}:{art.scheme}",),
+    )
+    write_json(art.folder / ARTIFACT_FILE, dict(art.meta, validation=report.to_dict()))
+    art.meta["validation"] = report.to_dict()
+    return report
