@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from smolconvert.artifact import Artifact
     from smolconvert.model.source import CanonicalModel
-    from smolconvert.release_pipeline import ReleaseResult
     from smolconvert.release_config import ReleaseConfig
+    from smolconvert.release_pipeline import ReleaseResult
     from smolconvert.validators.validate import ValidationReport
 
 __all__ = ["__version__", "export", "load", "merge_releases", "release", "validate"]
@@ -102,7 +102,7 @@ def validate(
     from smolconvert.artifact import Artifact, is_artifact
     from smolconvert.errors import ConfigError
     from smolconvert.validators.quality import load_eval_text
-    from smolconvert.validators.runner import TORCH_DTYPES, RunnerSpec
+    from smolconvert.validators.runner import DTYPE_BYTES, TORCH_DTYPES, RunnerSpec
     from smolconvert.validators.validate import ValidateOptions, validate_runner
 
     if windows < 1:
@@ -129,7 +129,7 @@ def validate(
         candidate,
         text,
         options,
-        size_bytes=model.spec.n_params * TORCH_DTYPES[dtype].itemsize,
+        size_bytes=model.spec.n_params * DTYPE_BYTES[dtype],
         notes=(f"size_bytes is the weights' size in {dtype} (no file is written for this check)",),
     )
 
@@ -152,8 +152,8 @@ def release(
     >>> result = smolconvert.release("examples/release-default.toml")
     >>> result.passed, [a["name"] for a in result.manifest["artifacts"]]
     """
-    from smolconvert.release_pipeline import release as run
     from smolconvert.release_config import parse_shard
+    from smolconvert.release_pipeline import release as run
 
     if isinstance(shard, str):
         shard = parse_shard(shard)

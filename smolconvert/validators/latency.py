@@ -71,6 +71,15 @@ def measure_latency(
 
 
 def _peak_rss_mb() -> float:
+    # Linux keeps ru_maxrss across fork+exec, so a child's ru_maxrss starts at the parent's RSS at
+    # fork time (2+ GB when the parent holds reference scores); VmHWM belongs to this image alone.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # macOS: bytes; Linux: KiB
 

@@ -15,12 +15,22 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from smolconvert.errors import ConfigError
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch is imported only by the torch runner: a latency child running another runtime must not pay
+# torch's ~200 MB in its peak RSS.
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of {', '.join(TORCH_DTYPES)}")
+    return getattr(torch, TORCH_DTYPES[name])
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class TorchRunner:
     runtime = "torch"
 
     def __init__(self, decoder: Any, dtype_name: str, threads: int | None = None) -> None:
+        import torch
+
         if threads:
             torch.set_num_threads(threads)
         self.decoder = decoder
@@ -74,8 +86,15 @@ class TorchRunner:
     def logits(self, token_ids: Sequence[int]) -> NDArray[np.float32]:
         return self.decoder.logits(token_ids).numpy()  # type: ignore[no-any-return]
 
-    @torch.inference_mode()
     def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming:
+        import torch
+
+        with torch.inference_mode():
+            return self._time_generation(torch, prompt_ids, n_new)
+
+    def _time_generation(
+        self, torch: Any, prompt_ids: Sequence[int], n_new: int
+    ) -> GenerationTiming:
         dec = self.decoder
         ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)[None]
         n = ids.shape[1]
@@ -104,8 +123,7 @@ def open_torch_runner(
     from smolconvert.model.reference import build_reference
     from smolconvert.model.source import load_model
 
-    if dtype not in TORCH_DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    dt = torch_dtype(dtype)
     model = load_model(source, allow_pickle=allow_pickle)
-    decoder = build_reference(model.spec, source=model.weights, dtype=TORCH_DTYPES[dtype])
+    decoder = build_reference(model.spec, source=model.weights, dtype=dt)
     return TorchRunner(decoder, dtype, threads)
