@@ -48,11 +48,24 @@ class ReleaseResult:
         return not self.failures
 
 
-def code_sha256() -> str:
-    """smolconvert's own source: a code change rebuilds what it may have changed."""
+# The parts of smolconvert whose code decides an artifact's bytes (plus the family's own modules),
+# and the parts that decide its measurements: a change there rebuilds or re-measures; a change
+# elsewhere (the CLI, reports, another family's exporter) does not.
+BUILD_CODE = ("model/*.py", "quantizers/*.py", "artifact.py", "texts.py")
+VALIDATE_CODE = (
+    "validators/quality.py",
+    "validators/validate.py",
+    "validators/latency.py",
+    "validators/runner.py",
+    "model/*.py",
+    "texts.py",
+)
+
+
+def code_sha256(*patterns: str) -> str:
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted({p for pattern in patterns for p in root.glob(pattern)}):
         h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -107,7 +120,7 @@ def release(
     eval_text = load_eval_text(cfg.eval_text)
     calibration = load_text(cfg.calibration_text, default_calibration_text())
     cfg.out.mkdir(parents=True, exist_ok=True)
-    code = code_sha256()
+    validate_code = code_sha256(*VALIDATE_CODE)
     result = ReleaseResult(cfg.out, {})
     imatrix = None
     entries = []
@@ -121,7 +134,9 @@ def release(
                 "target": t.target,
                 "options": t.options,
                 "imatrix": calibration.sha256 if t.imatrix else None,
-                "code": code,
+                "code": code_sha256(
+                    *BUILD_CODE, f"exporters/{t.family}.py", f"exporters/{t.family}_*.py"
+                ),
                 "libraries": tool_versions(*family.libraries),
             }
         )
@@ -162,6 +177,8 @@ def release(
                 "windows": cfg.windows,
                 "latency": cfg.latency,
                 "threads": cfg.threads,
+                "code": validate_code,
+                "runner_code": code_sha256(_runner_file(family.runner_factory)),
             }
         )
         if art.meta.get("validation_key") != validation_key or "validation" not in art.meta:
@@ -191,7 +208,7 @@ def release(
         )
     reference_latency = None
     if cfg.latency and targets:
-        reference_latency = _reference_latency(cfg, model, eval_text, code, progress)
+        reference_latency = _reference_latency(cfg, model, eval_text, validate_code, progress)
     result.manifest = _manifest(
         cfg, model, eval_text, calibration, entries, shard, reference_latency
     )
@@ -206,6 +223,12 @@ def release(
         manifest=str(cfg.out / MANIFEST_FILE),
     )
     return result
+
+
+def _runner_file(factory: str) -> str:
+    """ "smolconvert.validators.llamacpp:open_..." -> "validators/llamacpp.py"."""
+    module = factory.partition(":")[0].removeprefix("smolconvert.")
+    return module.replace(".", "/") + ".py"
 
 
 def _cached(folder: Path, build_key: str) -> Artifact | None:
