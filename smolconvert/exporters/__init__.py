@@ -83,7 +83,7 @@ FAMILIES = {
         "smolconvert.exporters.onnx",
         "smolconvert.validators.onnxruntime:open_onnxruntime_runner",
         "pip install 'smolconvert[onnx]'",
-        ("onnx", "onnxruntime", "onnxscript", "numpy", "torch"),
+        ("onnx", "onnxruntime", "numpy", "torch"),
     ),
     "coreml": Family(
         "coreml",
