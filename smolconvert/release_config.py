@@ -40,6 +40,7 @@ TARGET_KEYS = {
     "name": "artifact name (default family-scheme)",
     "options": "exporter options, e.g. { layout = 'genai' }",
     "imatrix": "importance-weighted quantization from the calibration text",
+    "latency": "time this artifact (default: the release's latency setting)",
     "budget": "quality budget: kld_mean, kld_p99, top1_min, ppl_ratio_max, size_max_mb, "
     "decode_tok_s_min",
 }
@@ -52,6 +53,7 @@ class TargetConfig:
     options: dict[str, str] = field(default_factory=dict)
     imatrix: bool = False
     budget: dict[str, float] = field(default_factory=dict)
+    latency: bool = True
 
     @property
     def family(self) -> str:
@@ -247,7 +249,10 @@ def _targets(raw: Any, lines: _Lines, where: str, latency: bool) -> tuple[Target
                     where, f"[[targets]] #{n + 1} budget", key, dict.fromkeys(BUDGET_KEYS, ""), line
                 )
         budget = check_budget_keys(budget_raw, here)
-        if "decode_tok_s_min" in budget and not latency:
+        timed = t.get("latency", latency)
+        if not isinstance(timed, bool):
+            raise ConfigError(f"{here}: latency must be true or false, got {timed!r}")
+        if "decode_tok_s_min" in budget and not timed:
             raise ConfigError(f"{here}: a decode_tok_s_min budget needs latency = true")
         imatrix = t.get("imatrix", False)
         if not isinstance(imatrix, bool):
@@ -259,5 +264,5 @@ def _targets(raw: Any, lines: _Lines, where: str, latency: bool) -> tuple[Target
             raise ConfigError(
                 f"{here}: two targets are named {name!r}; give one of them name = '...'"
             )
-        out.append(TargetConfig(name, f"{family.name}:{scheme}", resolved, imatrix, budget))
+        out.append(TargetConfig(name, f"{family.name}:{scheme}", resolved, imatrix, budget, timed))
     return tuple(out)

@@ -175,7 +175,7 @@ def release(
                 "eval_text": eval_text.sha256,
                 "ctx": cfg.ctx,
                 "windows": cfg.windows,
-                "latency": cfg.latency,
+                "latency": t.latency,
                 "threads": cfg.threads,
                 "code": validate_code,
                 "runner_code": code_sha256(_runner_file(family.runner_factory)),
@@ -187,7 +187,7 @@ def release(
                 f"{label}: validating in its runtime against the reference",
                 target=t.name,
             )
-            _validate(art, model, eval_text, cfg)
+            _validate(art, model, eval_text, cfg, t.latency)
             art.meta["validation_key"] = validation_key
             write_json(folder / ARTIFACT_FILE, art.meta)
             result.validated.append(t.name)
@@ -207,7 +207,7 @@ def release(
             passed=entry["gate"]["passed"],
         )
     reference_latency = None
-    if cfg.latency and targets:
+    if any(t.latency for t in targets):
         reference_latency = _reference_latency(cfg, model, eval_text, validate_code, progress)
     result.manifest = _manifest(
         cfg, model, eval_text, calibration, entries, shard, reference_latency
@@ -253,13 +253,13 @@ def _remove_partials(folder: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _validate(art: Artifact, model: Any, text: Any, cfg: ReleaseConfig) -> None:
+def _validate(art: Artifact, model: Any, text: Any, cfg: ReleaseConfig, latency: bool) -> None:
     from smolconvert.validators.validate import ValidateOptions, validate_artifact
 
     options = ValidateOptions(
         ctx=cfg.ctx,
         windows=cfg.windows,
-        latency=cfg.latency,
+        latency=latency,
         threads=cfg.threads,
         quiet=True,
         reference_latency=False,
