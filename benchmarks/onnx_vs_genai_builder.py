@@ -1,0 +1,204 @@
+"""Our ONNX exports (fp32, int4) against onnxruntime-genai's model builder, same model, one run.
+
+Also our variants that only this benchmark builds (recipes patched in place): int4 with
+MatMulNBits accuracy_level 4 (int8 activations), int8 as shipped (uint8 zero points) and int8 with
+float offsets (the int4 linear trick). For each model: size on disk, mean KLD against the fp32
+reference decoder (same windows, scored second halves), top-1 agreement, and decode tokens/s in two
+runtimes: plain onnxruntime (our runner, same harness for every graph) and onnxruntime-genai (the
+builder's home).
+Prints ratios ours / builder. Run on demand, never in CI:
+
+    python benchmarks/onnx_vs_genai_builder.py [--source default] [--windows 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix != ".json")
+
+
+def kld_and_top1(
+    ref_logits: list[torch.Tensor], runner, windows: list[list[int]]
+) -> tuple[float, float]:
+    klds, agree = [], []
+    for ref, win in zip(ref_logits, windows, strict=True):
+        half = len(win) // 2
+        q = torch.log_softmax(torch.from_numpy(runner.logits(win)[half:]).double(), -1)
+        p = ref[half:]
+        klds.append((p.exp() * (p - q)).sum(-1))
+        agree.append((p.argmax(-1) == q.argmax(-1)).double())
+    return float(torch.cat(klds).mean()), float(torch.cat(agree).mean())
+
+
+def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n_new + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    start = time.perf_counter()
+    for _ in range(n_new):
+        gen.generate_next_token()
+    return n_new / (time.perf_counter() - start)
+
+
+def variant_recipes() -> dict[str, tuple[str, object]]:
+    """Row name -> (scheme, recipe) for our exports."""
+    from smolconvert.exporters.onnx_quant import RECIPES, Rule
+
+    int8_offset = dataclasses.replace(
+        RECIPES["int8"],
+        rules=tuple(
+            Rule(r.role, "int8_b32_offset16" if r.role == "linear" else r.codec)
+            for r in RECIPES["int8"].rules
+        ),
+    )
+    return {
+        "ours fp32": ("fp32", RECIPES["fp32"]),
+        "ours int4": ("int4", RECIPES["int4"]),
+        "ours int4 acc4": ("int4", dataclasses.replace(RECIPES["int4"], accuracy_level=4)),
+        "ours int8": ("int8", RECIPES["int8"]),
+        "ours int8 offset": ("int8", int8_offset),
+    }
+
+
+def export_variant(model, scheme: str, recipe, out: Path) -> Path:
+    import smolconvert.exporters.onnx as onnx_exporter
+
+    saved = onnx_exporter.RECIPES[scheme]
+    onnx_exporter.RECIPES[scheme] = recipe
+    try:
+        return onnx_exporter.export_onnx(model, scheme, out, quiet=True).folder
+    finally:
+        onnx_exporter.RECIPES[scheme] = saved
+
+
+def main(
+    source: str,
+    windows: int,
+    threads: int,
+    work: Path,
+    precisions: tuple[str, ...] = ("fp32", "int4"),
+    reference_speed: bool = True,
+) -> None:
+    import smolconvert
+    from smolconvert.model.hf_folder import save_hf_folder
+    from smolconvert.model.reference import build_reference
+    from smolconvert.validators.onnxruntime import OnnxRuntimeRunner
+    from smolconvert.validators.quality import load_eval_text, make_windows
+    from smolconvert.validators.runner import TorchRunner
+
+    torch.set_num_threads(threads)
+    model = smolconvert.load(source)
+    ids = model.tokenizer.encode(load_eval_text(None).text[:400_000])
+    wins = make_windows(ids, 512, windows, model.spec.bos_token_id)
+    prompt, n_new = wins[0][:128], 128
+    ref = build_reference(model.spec, source=model.weights)
+    ref_logits = [torch.log_softmax(ref.logits(w).double(), -1) for w in wins]
+    ref_tok_s = (
+        TorchRunner(ref, "fp32", threads).time_generation(prompt, n_new).decode_tok_s
+        if reference_speed
+        else float("nan")
+    )
+    del ref
+
+    hf = save_hf_folder(model, work / "hf")
+    folders: dict[str, Path] = {}
+    for precision in precisions:
+        out = work / f"builder-{precision}"
+        if not (out / "genai_config.json").is_file():  # reuse a --work folder's builds
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    str(hf),
+                    "-o",
+                    str(out),
+                    "-p",
+                    precision,
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(work / "cache"),
+                ],
+                check=True,
+                capture_output=True,
+            )
+        folders[f"builder {precision}"] = out
+    for name, (scheme, recipe) in variant_recipes().items():
+        if scheme == "fp32" and "fp32" not in precisions:
+            continue
+        folders[name] = export_variant(model, scheme, recipe, work / name.replace(" ", "-"))
+
+    rows = {}
+    for name, folder in folders.items():
+        graph = next(iter(sorted(folder.rglob("*.onnx"))))
+        runner = OnnxRuntimeRunner(graph, threads=threads)
+        kld, top1 = kld_and_top1(ref_logits, runner, wins)
+        ort_tok_s = runner.time_generation(prompt, n_new).decode_tok_s
+        del runner
+        rows[name] = {
+            "size_mb": folder_size(folder) / 1e6,
+            "kld_mean": kld,
+            "top1": top1,
+            "ort_tok_s": ort_tok_s,
+            "genai_tok_s": genai_decode_tok_s(folder, prompt, n_new),
+        }
+    print(f"reference (torch fp32) decode {ref_tok_s:.1f} tok/s, {threads} threads")
+    print(
+        f"{'model':17} {'MB':>7} {'kld_mean':>9} {'top1':>6} {'ort tok/s':>10} {'genai tok/s':>12}"
+    )
+    for name, r in rows.items():
+        print(
+            f"{name:17} {r['size_mb']:7.1f} {r['kld_mean']:9.5f} {r['top1']:6.3f} "
+            f"{r['ort_tok_s']:10.1f} {r['genai_tok_s']:12.1f}"
+        )
+    for mine, precision in (("fp32", "fp32"), ("int4", "int4"), ("int4 acc4", "int4")):
+        if precision not in precisions:
+            continue
+        ours, theirs = rows[f"ours {mine}"], rows[f"builder {precision}"]
+        print(
+            f"{mine}: speed ours/builder onnxruntime "
+            f"{ours['ort_tok_s'] / theirs['ort_tok_s']:.2f}x, "
+            f"genai {ours['genai_tok_s'] / theirs['genai_tok_s']:.2f}x; "
+            f"kld {ours['kld_mean']:.5f} vs {theirs['kld_mean']:.5f}; "
+            f"size {ours['size_mb']:.1f} vs {theirs['size_mb']:.1f} MB"
+        )
+    np.set_printoptions()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="default")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--skip-fp32", action="store_true", help="builder and ours int4/int8 only")
+    parser.add_argument("--no-reference-speed", action="store_true", help="skip timing torch")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        main(
+            args.source,
+            args.windows,
+            args.threads,
+            args.work or Path(tmp),
+            ("int4",) if args.skip_fp32 else ("fp32", "int4"),
+            not args.no_reference_speed,
+        )

@@ -1,0 +1,235 @@
+"""ONNX export: one KV-cache decoder graph (onnx_graph.py) in fp32, fp16, int8 or int4, laid out
+for Transformers.js (`onnx/model*.onnx` named by dtype, plus config/tokenizer files) or for
+onnxruntime-genai (`model.onnx` + `genai_config.json`).
+
+Quantization is weight-only (onnx_quant.py): MatMulNBits for projections, a tied embedding stored
+once as a packed buffer shared by GatherBlockQuantized and the MatMulNBits lm_head. Both layouts
+carry a genai_config.json, so one Transformers.js folder also runs in onnxruntime-genai.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smolconvert import artifact as A
+from smolconvert import progress
+from smolconvert.errors import MissingDependencyError
+from smolconvert.exporters.onnx_graph import IR_VERSION, OPSET
+from smolconvert.exporters.onnx_quant import CODECS, RECIPES, Recipe
+from smolconvert.model.imatrix import Imatrix
+from smolconvert.model.source import CanonicalModel
+from smolconvert.model.spec import ModelSpec
+from smolconvert.model.weights import canonical_names
+
+INSTALL_HINT = "pip install 'smolconvert[onnx]'"
+OPTIONS: dict[str, tuple[str, ...]] = {"layout": ("transformers.js", "genai")}
+LAYOUT_NOTE = (
+    "optimum/Transformers.js decoder IO (model.onnx with past_key_values, 2025); "
+    "onnxruntime-genai 0.18 genai_config.json"
+)
+# Transformers.js file name per dtype (transformers.js src/utils/dtypes.js, v3/v4).
+TJS_FILES = {
+    "fp32": "model.onnx",
+    "fp16": "model_fp16.onnx",
+    "int8": "model_quantized.onnx",
+    "int4": "model_q4.onnx",
+}
+TJS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
+# Protobuf refuses messages over 2 GiB: past this, initializers go to an external data file.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# The oldest versions we ran these files in (tests/exporters/test_onnx.py); older may work (opset 21
+# needs onnxruntime >= 1.20; MatMulNBits accuracy_level 4 needs its int8 kernel, or runs slowly).
+MIN_RUNTIME = {
+    "onnxruntime": "1.30",
+    "onnxruntime-genai": "0.18",
+    "onnxruntime-node (Transformers.js 4.x)": "1.30",
+}
+
+
+def describe_schemes() -> list[dict[str, Any]]:
+    out = []
+    for name, r in sorted(RECIPES.items()):
+        linear = r.codec_for("linear")
+        bpw = linear.bits_per_weight if linear else (16.0 if r.float_dtype == "float16" else 32.0)
+        out.append(
+            {
+                "target": f"onnx:{name}",
+                "bits_per_weight": bpw,
+                "mixture": [f"{x.role}->{x.codec}" for x in r.rules],
+                "float_dtype": r.float_dtype,
+                "transformers_js_dtype": TJS_DTYPES[name],
+                "file": TJS_FILES[name],
+            }
+        )
+    return out
+
+
+def export_onnx(
+    model: CanonicalModel,
+    scheme: str,
+    out: Path,
+    imatrix: Imatrix | None = None,
+    quiet: bool = False,
+    options: dict[str, str] | None = None,
+) -> A.Artifact:
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependencyError(f"ONNX export needs onnx: {INSTALL_HINT}") from None
+    from smolconvert.exporters.onnx_graph import build_decoder
+
+    layout = (options or {}).get("layout", OPTIONS["layout"][0])
+    recipe = RECIPES[scheme]
+    spec = model.spec
+    step = progress.Steps(quiet)
+    names = set(canonical_names(spec))
+
+    def fetch(name: str) -> np.ndarray:
+        names.discard(name)
+        return model.weights.get(name).float().numpy()
+
+    step(f"building the {scheme} decoder graph ({spec.n_layers} layers)")
+    proto, tensor_types = build_decoder(spec, fetch, recipe)
+    assert not names, f"tensors never written: {sorted(names)}"
+    rel = f"onnx/{TJS_FILES[scheme]}" if layout == "transformers.js" else "model.onnx"
+    with A.staging(out) as stage:
+        path = stage / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        external = proto.ByteSize() > EXTERNAL_DATA_BYTES
+        step(f"writing {rel}" + (" with external data" if external else ""))
+        if external:
+            data_name = path.name + ("_data" if layout == "transformers.js" else ".data")
+            onnx.save_model(
+                proto,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(proto, str(path))
+        del proto
+        _write_side_files(stage, model, scheme, rel, external)
+        meta = {
+            "format": "onnx",
+            "target": "onnx",
+            "scheme": scheme,
+            "model": model.name,
+            "source": model.source,
+            "source_sha256": model.sha256,
+            "origin": model.origin,
+            "spec": spec.to_dict(),
+            "entry_points": {"model": rel, "genai_config": "genai_config.json"},
+            "tensor_types": tensor_types,
+            "options": {"layout": layout},
+            "recipe": _describe_recipe(recipe),
+            "imatrix": None,  # weight-only round-to-nearest with scale search: no imatrix use
+            "layout": f"{layout}: {LAYOUT_NOTE}",
+            "opset": {"ai.onnx": OPSET, "com.microsoft": 1, "ir_version": IR_VERSION},
+            "tool_versions": A.tool_versions("onnx", "numpy", "torch"),
+            "min_runtime": MIN_RUNTIME,
+        }
+        meta = A.finish(stage, meta)
+    return A.Artifact(out, meta)
+
+
+def _describe_recipe(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "float_dtype": recipe.float_dtype,
+        "accuracy_level": recipe.accuracy_level,
+        "rules": {r.role: r.codec for r in recipe.rules},
+        "codecs": {
+            r.codec: {
+                "bits": CODECS[r.codec].bits,
+                "block_size": CODECS[r.codec].block_size,
+                "zero_point": CODECS[r.codec].zero_point,
+                "bits_per_weight": CODECS[r.codec].bits_per_weight,
+            }
+            for r in recipe.rules
+            if r.codec
+        },
+    }
+
+
+def _write_side_files(
+    stage: Path, model: CanonicalModel, scheme: str, rel: str, external: bool
+) -> None:
+    """config.json (+ transformers.js_config), generation_config.json, tokenizer files and
+    genai_config.json pointing at the graph by its relative path."""
+    spec = model.spec
+    config = spec.to_hf_config()
+    config["transformers.js_config"] = {
+        "dtype": TJS_DTYPES[scheme],
+        "use_external_data_format": external,
+        "kv_cache_dtype": {TJS_DTYPES[scheme]: "float16" if scheme == "fp16" else "float32"},
+    }
+    A.write_json(stage / "config.json", config)
+    A.write_json(stage / "generation_config.json", _generation(spec))
+    model.tokenizer.save(stage)
+    A.write_json(stage / "genai_config.json", genai_config(spec, rel))
+
+
+def _generation(spec: ModelSpec) -> dict[str, Any]:
+    ids = {
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.eos_token_id,
+        "pad_token_id": spec.pad_token_id,
+    }
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def genai_config(spec: ModelSpec, filename: str) -> dict[str, Any]:
+    """onnxruntime-genai's config (keys as its model builder writes them, v0.18). Our graph
+    concatenates past and new keys, so past and present cannot share one buffer."""
+    eos = spec.eos_token_id if spec.eos_token_id is not None else 0
+    return {
+        "model": {
+            "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None else eos,
+            "context_length": spec.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": spec.head_dim,
+                "hidden_size": spec.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": spec.n_heads,
+                "num_hidden_layers": spec.n_layers,
+                "num_key_value_heads": spec.n_kv_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": spec.pad_token_id if spec.pad_token_id is not None else eos,
+            "type": spec.architecture,
+            "vocab_size": spec.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": spec.max_position_embeddings,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

@@ -1,0 +1,337 @@
+"""ONNX export, proven by its consumers: onnxruntime, onnxruntime-genai and Transformers.js (Node)
+run our files and agree with the reference decoder run on the same (dequantized) weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smolconvert.artifact import Artifact
+from smolconvert.exporters.onnx import TJS_DTYPES, TJS_FILES, export_onnx
+from smolconvert.exporters.onnx_quant import (
+    CODECS,
+    RECIPES,
+    dequantize,
+    quantize,
+    stored_weight,
+)
+from smolconvert.model.reference import build_reference
+from smolconvert.model.source import load_model
+from smolconvert.model.weights import canonical_names
+from tests import tiny
+from tests.conftest import require, require_module
+
+SCHEMES = sorted(RECIPES)
+IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31, 8, 77, 150, 19]
+JS_DIR = Path(__file__).resolve().parents[1] / "js"
+
+
+def _export(folder: Path, scheme: str, out: Path, layout: str = "transformers.js") -> Artifact:
+    return export_onnx(load_model(folder), scheme, out, quiet=True, options={"layout": layout})
+
+
+def _stored_reference(folder: Path, scheme: str) -> torch.nn.Module:
+    """The reference decoder on the weights the graph really holds (quantized, then dequantized)."""
+    model = load_model(folder)
+    recipe = RECIPES[scheme]
+    tensors = {
+        n: torch.from_numpy(stored_weight(recipe, n, model.weights.get(n).float().numpy()))
+        for n in canonical_names(model.spec)
+    }
+    dtype = torch.float16 if recipe.float_dtype == "float16" else torch.float32
+    return build_reference(model.spec, tensors=tensors, dtype=dtype)
+
+
+def _greedy(ref: torch.nn.Module, ids: list[int], n_new: int, eos: int) -> list[int]:
+    out = list(ids)
+    for _ in range(n_new):
+        token = int(ref.logits(out)[-1].argmax())
+        out.append(token)
+        if token == eos:
+            break
+    return out[len(ids) :]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_onnxruntime_matches_reference_on_stored_weights(
+    tiny_folder: Path, tmp_path: Path, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smolconvert.exporters import onnx as onnx_exporter
+    from smolconvert.validators.onnxruntime import open_onnxruntime_runner
+
+    want = _stored_reference(tiny_folder, scheme).logits(IDS).float().numpy()
+    recipe = RECIPES[scheme]
+    if recipe.accuracy_level:  # int8 activations: the shipped graph is close, not exact ...
+        shipped = _export(tiny_folder, scheme, tmp_path / "shipped")
+        approx = open_onnxruntime_runner(str(shipped.path("model")), threads=2).logits(IDS)
+        assert np.abs(approx - want).max() < 0.05 * np.abs(want).max()
+        # ... so the stored weights and the graph's math are checked exactly with fp32 activations
+        exact = dataclasses.replace(recipe, accuracy_level=0)
+        monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
+    art = _export(tiny_folder, scheme, tmp_path / "art")
+    runner = open_onnxruntime_runner(str(art.path("model")), threads=2)
+    got = runner.logits(IDS)
+    tol = 2e-2 if scheme == "fp16" else 1e-4
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() < tol
+    if scheme == "fp32":  # and against the plain fp32 reference
+        model = load_model(tiny_folder)
+        plain = build_reference(model.spec, source=model.weights).logits(IDS).numpy()
+        assert np.abs(got - plain).max() < 1e-4
+    else:  # the stored weights really are quantized / rounded
+        model = load_model(tiny_folder)
+        plain = build_reference(model.spec, source=model.weights).logits(IDS).numpy()
+        assert np.abs(want - plain).max() > 1e-4
+    # prefill then cached decode steps give the full-sequence logits
+    logits, past = runner._run(IDS[:9], 0, runner.empty_past())
+    rows = [logits[-1]]
+    for j in range(9, len(IDS) - 1):
+        logits, past = runner._run([IDS[j]], j, past)
+        rows.append(logits[-1])
+    assert past[0].shape[2] == len(IDS) - 1
+    assert np.abs(np.array(rows) - got[8:-1]).max() < max(tol, 1e-5)
+
+
+def _unpack_stored(packed: np.ndarray, bits: int, k_padded: int) -> np.ndarray:
+    """MatMulNBits' B (N, n_blocks, bytes) -> levels (N, k_padded), low nibble first."""
+    if bits == 8:
+        return packed.reshape(packed.shape[0], -1).astype(np.float32)
+    levels = np.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], k_padded)
+    return levels.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_codec_matches_onnxruntime_matmulnbits_and_gatherblockquantized(name: str) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from smolconvert.exporters.onnx_graph import Graph, Linear, add_quantized, linear
+
+    codec = CODECS[name]
+    rng = np.random.default_rng(len(name))
+    n, k = 48, 80  # K not a multiple of any block: the last block is padded
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    qw = quantize(w, codec)
+    deq = dequantize(qw)
+    rel = np.sqrt(((deq - w) ** 2).mean() / (w**2).mean())
+    assert rel < (0.12 if codec.bits == 4 else 0.008), rel
+    # the graph's linear (MatMulNBits, plus block sums @ offsets for an offset codec)
+    g = Graph(TensorProto.FLOAT)
+    inputs = add_quantized(g, "w", qw)
+    g.op("Identity", [linear(g, "A", Linear(inputs, n, k, codec), "/linear", 0)], "Y")
+    stored = {i.name: numpy_helper.to_array(i) for i in g.initializers}
+    # dequantized independently from what the graph stores, in its stored precision
+    nb = -(-k // codec.block_size)
+    levels = _unpack_stored(stored["w.qweight"], codec.bits, nb * codec.block_size)
+    if "w.zero_points" in stored:
+        z = stored["w.zero_points"]
+        zp = z if codec.bits == 8 else np.stack([z & 15, z >> 4], -1).reshape(n, -1)
+        zp = zp[:, :nb].astype(np.float32)
+    else:
+        zp = np.full((n, nb), 1 << (codec.bits - 1), np.float32)
+    from_file = (levels.reshape(n, nb, -1) - zp[..., None]) * stored["w.scales"][..., None]
+    if codec.zero_point == "offset16":
+        assert stored["w.block_offsets"].dtype == np.float16
+        assert stored["w.block_offsets"].shape == (nb, n)
+        assert not any(node.op_type == "MatMulNBits" and len(node.input) > 3 for node in g.nodes)
+        from_file = from_file + stored["w.block_offsets"].T.astype(np.float32)[..., None]
+    else:
+        assert "w.block_offsets" not in stored
+    assert np.array_equal(from_file.reshape(n, -1)[:, :k], deq)
+    nodes, inits = list(g.nodes), list(g.initializers)
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
+    if codec.zero_point != "offset16" and k % codec.block_size == 0:
+        rows = numpy_helper.from_array(qw.packed.reshape(n, -1), "R")
+        inits.append(rows)
+        nodes.append(
+            helper.make_node(
+                "GatherBlockQuantized",
+                ["R", "I", inputs[1], *inputs[2:3]],
+                ["E"],
+                domain="com.microsoft",
+                bits=codec.bits,
+                block_size=codec.block_size,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+        )
+        outputs.append(helper.make_tensor_value_info("E", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, None, k]),
+            helper.make_tensor_value_info("I", TensorProto.INT64, [None]),
+        ],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=10,
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((1, 3, k)).astype(np.float32)
+    idx = np.array([5, 0, 47], np.int64)
+    feeds = {i.name: v for i, v in zip(sess.get_inputs(), (a, idx), strict=False)}
+    outs = sess.run(None, feeds)
+    assert np.abs(outs[0] - a @ deq.T).max() < 1e-4
+    if len(outs) > 1:
+        assert np.abs(outs[1] - deq[idx]).max() < 1e-6
+
+
+def test_float_offsets_hold_a_q4_1_grid() -> None:
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0.001, 0.01, (64, 4, 1)).astype(np.float16).astype(np.float32)
+    m = -rng.uniform(0.0, 0.1, (64, 4, 1)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (64, 4, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's Q4_1 maps each block's min and max to 0 and 15
+    w = (q * d + m).reshape(64, 128)
+    deq = dequantize(quantize(w, CODECS["int4_b32_offset16"]))
+    assert np.abs(deq - w).max() < 0.01 * d.max()  # fp16 offsets: within 1% of a step
+    assert np.abs(dequantize(quantize(w, CODECS["int4_b32_none"])) - w).max() > 1e-4
+
+
+def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path) -> None:
+    import onnx
+
+    folder = tiny.write_folder(tmp_path / "tiny-smollm3", tiny.config("smollm3"))
+    for scheme in ("fp32", "int4"):
+        art = _export(folder, scheme, tmp_path / f"tjs-{scheme}")
+        files = {f["path"] for f in art.meta["files"]}
+        assert {
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "genai_config.json",
+        } <= files
+        assert f"onnx/{TJS_FILES[scheme]}" in files and art.meta["entry_points"]["model"] in files
+        config = json.loads((art.folder / "config.json").read_text())
+        assert config["transformers.js_config"]["dtype"] == TJS_DTYPES[scheme]
+        proto = onnx.load(str(art.path("model")))
+        inits = [i.name for i in proto.graph.initializer]
+        embed = [n for n in inits if n.startswith("model.embed_tokens")]
+        assert not any("lm_head" in n for n in inits)
+        assert len(embed) == (1 if scheme == "fp32" else 3)  # table, or qweight+scales+zp
+        ops = [n.op_type for n in proto.graph.node]
+        if scheme == "int4":  # symmetric kernels; block sums shared by q/k/v and by gate/up
+            assert all(len(n.input) <= 3 for n in proto.graph.node if "proj" in n.name)
+            assert ops.count("ReduceSum") == 4 * 4 and ops.count("MatMulNBits") == 7 * 4 + 1
+        assert [i.name for i in proto.graph.input][:3] == [
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+        ]
+        assert proto.graph.output[0].name == "logits"
+        again = _export(folder, scheme, tmp_path / f"again-{scheme}")
+        assert again.meta["files"] == art.meta["files"]  # byte-identical, sha256 per file
+    genai = _export(folder, "int8", tmp_path / "genai", layout="genai")
+    assert genai.meta["entry_points"]["model"] == "model.onnx"
+    cfg = json.loads((genai.folder / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["filename"] == "model.onnx" and cfg["model"]["type"] == "smollm3"
+
+
+@pytest.mark.needs_node
+@pytest.mark.parametrize(("arch", "scheme"), [("llama", "fp32"), ("smollm3", "int4")])
+def test_transformers_js_in_node_continues_like_the_reference(
+    tmp_path: Path, arch: str, scheme: str
+) -> None:
+    node = shutil.which("node")
+    require(node is not None, "needs node (Node.js 18+)")
+    require(
+        (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir(),
+        f"needs Transformers.js: npm install --ignore-scripts --prefix {JS_DIR}",
+    )
+    folder = tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
+    art = _export(folder, scheme, tmp_path / "model-dir")
+    prompt = IDS[:6]
+    result = subprocess.run(
+        [node, str(JS_DIR / "greedy.mjs"), str(art.folder), TJS_DTYPES[scheme], "12"]
+        + [",".join(map(str, prompt))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=JS_DIR,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])["tokens"]
+    want = _greedy(_stored_reference(folder, scheme), prompt, 12, eos=2)
+    assert got == want
+
+
+@pytest.mark.parametrize(("arch", "scheme"), [("llama", "int8"), ("smollm3", "fp16")])
+def test_onnxruntime_genai_runs_the_genai_layout_like_the_reference(
+    tmp_path: Path, arch: str, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_module("onnxruntime_genai", "onnx")
+    import onnxruntime_genai as og
+
+    from smolconvert.exporters import onnx as onnx_exporter
+
+    # fp32 activations in MatMulNBits, so logits compare exactly (int8 ones: the test above)
+    exact = dataclasses.replace(RECIPES[scheme], accuracy_level=0)
+    monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
+
+    folder = tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
+    art = _export(folder, scheme, tmp_path / "genai", layout="genai")
+    prompt = IDS[:6]
+    model = og.Model(str(art.folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    first = np.array(gen.get_output("logits"))[0]  # per-position logits of the prompt
+    ref = _stored_reference(folder, scheme)
+    tol = 2e-2 if scheme == "fp16" else 1e-4
+    assert np.abs(first - ref.logits(prompt).float().numpy()).max() < tol
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens == _greedy(ref, prompt, 10, eos=2)
+
+
+def test_cli_export_and_validate(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from smolconvert.cli import cli
+
+    listed = CliRunner().invoke(cli, ["export", "--list"])
+    assert listed.exit_code == 0 and "onnx:int4" in listed.output
+    folder = tiny.write_folder(tmp_path / "tiny-llama", tiny.config("llama"))
+    out = tmp_path / "art"
+    made = CliRunner().invoke(
+        cli, ["export", str(folder), "--to", "onnx:int8", "-o", str(out), "--layout", "genai"]
+    )
+    assert made.exit_code == 0, made.output
+    assert (out / "model.onnx").is_file()
+    result = CliRunner().invoke(
+        cli, ["validate", str(out), "--ctx", "64", "--windows", "2", "--no-latency", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["runtime"] == "onnxruntime" and report["quality"]["kld_mean"] < 1e-2
+    bad = CliRunner().invoke(
+        cli, ["export", str(folder), "--to", "onnx:int4", "-O", "layout=tflite"]
+    )
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_default_model_int4_fits_100_mb_and_answers_paris(default_model, tmp_path: Path) -> None:
+    from smolconvert.validators.onnxruntime import open_onnxruntime_runner
+
+    art = export_onnx(default_model, "int4", tmp_path / "int4", quiet=True)
+    assert art.size_bytes <= 100_000_000
+    runner = open_onnxruntime_runner(str(art.path("model")), threads=2)
+    ids = default_model.tokenizer.encode("The capital of France is")
+    timing = runner.time_generation(ids, 3)
+    assert default_model.tokenizer.decode(timing.tokens[:2]).strip().startswith("Paris")
