@@ -180,7 +180,8 @@ def test_json_events_and_latency_budget(tmp_path: Path) -> None:
             "needs latency = true",
         ),
         (
-            '[release]\nsource = "m"\n[[targets]]\ntarget = "gguf:q8_0"\noptions = { layout = 1 }\n',
+            '[release]\nsource = "m"\n[[targets]]\ntarget = "gguf:q8_0"\n'
+            "options = { layout = 1 }\n",
             "no option layout",
         ),
     ],
