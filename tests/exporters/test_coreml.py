@@ -237,7 +237,7 @@ def test_core_ml_itself_agrees_with_the_evaluator(tmp_path: Path) -> None:
 def test_default_model_int4_converts_and_scores(default_model, default_reference, tmp_path) -> None:
     from smolconvert.validators.coreml import open_coreml_runner
 
-    art = smolconvert.export(default_model, to="coreml:int4", out=tmp_path / "int4")
+    art = smolconvert.export("default", to="coreml:int4", out=tmp_path / "int4")
     size = sum(f.stat().st_size for f in art.path("model").rglob("*") if f.is_file())
     assert size <= 80e6, size
     ids = default_model.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
