@@ -358,14 +358,19 @@ class MilProgram:
         path = Path(path)
         if not (path / "Manifest.json").is_file():
             raise CorruptFileError(f"{path} is not an .mlpackage folder (no Manifest.json)")
-        mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
-        spec = mlmodel.get_spec()
+        # Read the package's files directly: opening it with ct.models.MLModel rewrites
+        # Manifest.json, which would change an artifact that was only meant to be measured.
+        data = path / "Data" / "com.apple.CoreML"
+        if not (data / "model.mlmodel").is_file():
+            raise CorruptFileError(f"{path} has no Data/com.apple.CoreML/model.mlmodel")
+        spec = ct.proto.Model_pb2.Model()
+        spec.ParseFromString((data / "model.mlmodel").read_bytes())
         if not spec.HasField("mlProgram"):
             raise UnsupportedError(f"{path} is not an mlprogram; only mlprograms can be evaluated")
         prog = load(
             spec,
             specification_version=spec.specificationVersion,
-            file_weights_dir=mlmodel.weights_dir,
+            file_weights_dir=str(data / "weights"),
         )
         func = prog.functions["main"]
         self.opset = func.opset_version

@@ -18,7 +18,7 @@ from smolconvert.exporters.coreml import SCHEMES, const_names
 from smolconvert.model.reference import build_reference
 from smolconvert.validators.coreml import causal_mask
 from tests import tiny
-from tests.conftest import require_module
+from tests.conftest import read_json, require_module
 
 require_module("coremltools", "coreml")
 
@@ -194,6 +194,11 @@ def test_cli_export_and_validate(tmp_path: Path) -> None:
     assert "evaluator" in report["candidate"]
     assert any("not a Core ML device" in n for n in report["notes"])
     assert report["quality"]["kld_mean"] < 0.5
+    # measuring must not touch the artifact (coremltools' MLModel rewrites Manifest.json)
+    from smolconvert.artifact import sha256_file
+
+    for f in read_json(out / "artifact.json")["files"]:
+        assert sha256_file(out / f["path"]) == f["sha256"], f["path"]
 
 
 def test_unknown_option_value_is_a_clear_error(tmp_path: Path) -> None:
