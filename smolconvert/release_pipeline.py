@@ -49,17 +49,11 @@ class ReleaseResult:
 
 
 # The parts of smolconvert whose code decides an artifact's bytes (plus the family's own modules),
-# and the parts that decide its measurements: a change there rebuilds or re-measures; a change
-# elsewhere (the CLI, reports, another family's exporter) does not.
+# and the parts that decide its measurements (every runner, as runners share helpers such as the
+# Core ML evaluator): a change there rebuilds or re-measures; a change elsewhere (the CLI, another
+# family's exporter) does not.
 BUILD_CODE = ("model/*.py", "quantizers/*.py", "artifact.py", "texts.py")
-VALIDATE_CODE = (
-    "validators/quality.py",
-    "validators/validate.py",
-    "validators/latency.py",
-    "validators/runner.py",
-    "model/*.py",
-    "texts.py",
-)
+VALIDATE_CODE = ("validators/*.py", "model/*.py", "texts.py")  # runners share helpers
 
 
 def code_sha256(*patterns: str) -> str:
@@ -178,7 +172,6 @@ def release(
                 "latency": t.latency,
                 "threads": cfg.threads,
                 "code": validate_code,
-                "runner_code": code_sha256(_runner_file(family.runner_factory)),
             }
         )
         if art.meta.get("validation_key") != validation_key or "validation" not in art.meta:
@@ -223,12 +216,6 @@ def release(
         manifest=str(cfg.out / MANIFEST_FILE),
     )
     return result
-
-
-def _runner_file(factory: str) -> str:
-    """ "smolconvert.validators.llamacpp:open_..." -> "validators/llamacpp.py"."""
-    module = factory.partition(":")[0].removeprefix("smolconvert.")
-    return module.replace(".", "/") + ".py"
 
 
 def _cached(folder: Path, build_key: str) -> Artifact | None:
