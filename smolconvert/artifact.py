@@ -62,6 +62,17 @@ def tool_versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def source_meta(model: Any) -> dict[str, Any]:
+    """The artifact.json keys every exporter writes about the model it exported from."""
+    return {
+        "model": model.name,
+        "source": model.source,
+        "source_sha256": model.sha256,
+        "origin": model.origin,
+        "spec": model.spec.to_dict(),
+    }
+
+
 @dataclass
 class Artifact:
     folder: Path
