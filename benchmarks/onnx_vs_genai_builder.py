@@ -1,11 +1,11 @@
 """Our ONNX exports (fp32, int4) against onnxruntime-genai's model builder, same model, one run.
 
-Also our variants that only this benchmark builds (recipes patched in place): int4 with
-MatMulNBits accuracy_level 4 (int8 activations), int8 as shipped (uint8 zero points) and int8 with
-float offsets (the int4 linear trick). For each model: size on disk, mean KLD against the fp32
-reference decoder (same windows, scored second halves), top-1 agreement, and decode tokens/s in two
-runtimes: plain onnxruntime (our runner, same harness for every graph) and onnxruntime-genai (the
-builder's home).
+Our rows: the shipped fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, packed
+projections) and the plain graph of standard ops, for fp32 and int4, plus int8. For each model:
+size on disk, mean KLD against the fp32 reference decoder (same windows, scored second halves),
+top-1 agreement, and decode tokens/s (median of --repeats runs, interleaved across models) in two
+runtimes: plain onnxruntime (our runner, the same harness for every graph) and onnxruntime-genai
+(the builder's home).
 Prints ratios ours / builder. Run on demand, never in CI:
 
     python benchmarks/onnx_vs_genai_builder.py [--source default] [--windows 4] [--threads 2]
@@ -14,7 +14,6 @@ Prints ratios ours / builder. Run on demand, never in CI:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,13 @@ def kld_and_top1(
     return float(torch.cat(klds).mean()), float(torch.cat(agree).mean())
 
 
+def ort_decode_tok_s(graph: Path, threads: int, prompt: list[int], n_new: int) -> float:
+    from smolconvert.validators.onnxruntime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(graph, threads=threads)
+    return runner.time_generation(prompt, n_new).decode_tok_s
+
+
 def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
     import onnxruntime_genai as og
 
@@ -57,33 +63,28 @@ def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
     return n_new / (time.perf_counter() - start)
 
 
-def variant_recipes() -> dict[str, tuple[str, object]]:
-    """Row name -> (scheme, recipe) for our exports."""
-    from smolconvert.exporters.onnx_quant import RECIPES, Rule
+def variants() -> dict[str, tuple[str, object, str]]:
+    """Row name -> (scheme, recipe, graph) for our exports: the shipped fused graph and the plain
+    one (standard ops), so the fused ops' gain is measured here, next to the builder."""
+    from smolconvert.exporters.onnx_quant import RECIPES
 
-    int8_offset = dataclasses.replace(
-        RECIPES["int8"],
-        rules=tuple(
-            Rule(r.role, "int8_b32_offset16" if r.role == "linear" else r.codec)
-            for r in RECIPES["int8"].rules
-        ),
-    )
     return {
-        "ours fp32": ("fp32", RECIPES["fp32"]),
-        "ours int4": ("int4", RECIPES["int4"]),
-        "ours int4 acc4": ("int4", dataclasses.replace(RECIPES["int4"], accuracy_level=4)),
-        "ours int8": ("int8", RECIPES["int8"]),
-        "ours int8 offset": ("int8", int8_offset),
+        "ours fp32": ("fp32", RECIPES["fp32"], "fused"),
+        "ours fp32 plain": ("fp32", RECIPES["fp32"], "plain"),
+        "ours int4": ("int4", RECIPES["int4"], "fused"),
+        "ours int4 plain": ("int4", RECIPES["int4"], "plain"),
+        "ours int8": ("int8", RECIPES["int8"], "fused"),
     }
 
 
-def export_variant(model, scheme: str, recipe, out: Path) -> Path:
+def export_variant(model, scheme: str, recipe, graph: str, out: Path) -> Path:
     import smolconvert.exporters.onnx as onnx_exporter
 
     saved = onnx_exporter.RECIPES[scheme]
     onnx_exporter.RECIPES[scheme] = recipe
     try:
-        return onnx_exporter.export_onnx(model, scheme, out, quiet=True).folder
+        art = onnx_exporter.export_onnx(model, scheme, out, quiet=True, options={"graph": graph})
+        return art.folder
     finally:
         onnx_exporter.RECIPES[scheme] = saved
 
@@ -95,6 +96,7 @@ def main(
     work: Path,
     precisions: tuple[str, ...] = ("fp32", "int4"),
     reference_speed: bool = True,
+    repeats: int = 3,
 ) -> None:
     import smolconvert
     from smolconvert.model.hf_folder import save_hf_folder
@@ -142,25 +144,30 @@ def main(
                 capture_output=True,
             )
         folders[f"builder {precision}"] = out
-    for name, (scheme, recipe) in variant_recipes().items():
+    for name, (scheme, recipe, graph) in variants().items():
         if scheme == "fp32" and "fp32" not in precisions:
             continue
-        folders[name] = export_variant(model, scheme, recipe, work / name.replace(" ", "-"))
+        out = work / name.replace(" ", "-")
+        folders[name] = export_variant(model, scheme, recipe, graph, out)
 
-    rows = {}
+    rows: dict[str, dict[str, float]] = {}
+    graphs = {name: next(iter(sorted(folder.rglob("*.onnx")))) for name, folder in folders.items()}
     for name, folder in folders.items():
-        graph = next(iter(sorted(folder.rglob("*.onnx"))))
-        runner = OnnxRuntimeRunner(graph, threads=threads)
+        runner = OnnxRuntimeRunner(graphs[name], threads=threads)
         kld, top1 = kld_and_top1(ref_logits, runner, wins)
-        ort_tok_s = runner.time_generation(prompt, n_new).decode_tok_s
+        rows[name] = {"size_mb": folder_size(folder) / 1e6, "kld_mean": kld, "top1": top1}
         del runner
-        rows[name] = {
-            "size_mb": folder_size(folder) / 1e6,
-            "kld_mean": kld,
-            "top1": top1,
-            "ort_tok_s": ort_tok_s,
-            "genai_tok_s": genai_decode_tok_s(folder, prompt, n_new),
-        }
+    # Timings interleaved round by round, so drifting machine load hits every model alike; one
+    # session alive at a time (an idle session's spinning threads would slow the next one).
+    ort_runs: dict[str, list[float]] = {name: [] for name in folders}
+    genai_runs: dict[str, list[float]] = {name: [] for name in folders}
+    for _ in range(repeats):
+        for name in folders:
+            ort_runs[name].append(ort_decode_tok_s(graphs[name], threads, prompt, n_new))
+            genai_runs[name].append(genai_decode_tok_s(folders[name], prompt, n_new))
+    for name in folders:
+        rows[name]["ort_tok_s"] = float(np.median(ort_runs[name]))
+        rows[name]["genai_tok_s"] = float(np.median(genai_runs[name]))
     print(f"reference (torch fp32) decode {ref_tok_s:.1f} tok/s, {threads} threads")
     print(
         f"{'model':17} {'MB':>7} {'kld_mean':>9} {'top1':>6} {'ort tok/s':>10} {'genai tok/s':>12}"
@@ -170,7 +177,12 @@ def main(
             f"{name:17} {r['size_mb']:7.1f} {r['kld_mean']:9.5f} {r['top1']:6.3f} "
             f"{r['ort_tok_s']:10.1f} {r['genai_tok_s']:12.1f}"
         )
-    for mine, precision in (("fp32", "fp32"), ("int4", "int4"), ("int4 acc4", "int4")):
+    for mine, precision in (
+        ("fp32", "fp32"),
+        ("fp32 plain", "fp32"),
+        ("int4", "int4"),
+        ("int4 plain", "int4"),
+    ):
         if precision not in precisions:
             continue
         ours, theirs = rows[f"ours {mine}"], rows[f"builder {precision}"]
@@ -192,6 +204,7 @@ if __name__ == "__main__":
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--skip-fp32", action="store_true", help="builder and ours int4/int8 only")
     parser.add_argument("--no-reference-speed", action="store_true", help="skip timing torch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         main(
@@ -201,4 +214,5 @@ if __name__ == "__main__":
             args.work or Path(tmp),
             ("int4",) if args.skip_fp32 else ("fp32", "int4"),
             not args.no_reference_speed,
+            args.repeats,
         )

@@ -25,7 +25,13 @@ from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import canonical_names
 
 INSTALL_HINT = "pip install 'smolconvert[onnx]'"
-OPTIONS: dict[str, tuple[str, ...]] = {"layout": ("transformers.js", "genai")}
+# graph: "fused" = onnxruntime contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization,
+# packed projections; right-padded batches, no position_ids input), "plain" = standard ops only
+# (position_ids honoured, left padding works). Defaults are the first values.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "layout": ("transformers.js", "genai"),
+    "graph": ("fused", "plain"),
+}
 LAYOUT_NOTE = (
     "optimum/Transformers.js decoder IO (model.onnx with past_key_values, 2025); "
     "onnxruntime-genai 0.18 genai_config.json"
@@ -82,6 +88,7 @@ def export_onnx(
     from smolconvert.exporters.onnx_graph import build_decoder
 
     layout = (options or {}).get("layout", OPTIONS["layout"][0])
+    graph = (options or {}).get("graph", OPTIONS["graph"][0])
     recipe = RECIPES[scheme]
     spec = model.spec
     step = progress.Steps(quiet)
@@ -91,8 +98,8 @@ def export_onnx(
         names.discard(name)
         return model.weights.get(name).float().numpy()
 
-    step(f"building the {scheme} decoder graph ({spec.n_layers} layers)")
-    proto, tensor_types = build_decoder(spec, fetch, recipe)
+    step(f"building the {scheme} {graph} decoder graph ({spec.n_layers} layers)")
+    proto, tensor_types = build_decoder(spec, fetch, recipe, fused=graph == "fused")
     assert not names, f"tensors never written: {sorted(names)}"
     rel = f"onnx/{TJS_FILES[scheme]}" if layout == "transformers.js" else "model.onnx"
     with A.staging(out) as stage:
@@ -113,7 +120,7 @@ def export_onnx(
         else:
             onnx.save_model(proto, str(path))
         del proto
-        _write_side_files(stage, model, scheme, rel, external)
+        _write_side_files(stage, model, scheme, rel, external, graph == "fused")
         meta = {
             "format": "onnx",
             "target": "onnx",
@@ -121,7 +128,7 @@ def export_onnx(
             **A.source_meta(model),
             "entry_points": {"model": rel, "genai_config": "genai_config.json"},
             "tensor_types": tensor_types,
-            "options": {"layout": layout},
+            "options": {"layout": layout, "graph": graph},
             "recipe": _describe_recipe(recipe),
             "imatrix": None,  # weight-only round-to-nearest with scale search: no imatrix use
             "layout": f"{layout}: {LAYOUT_NOTE}",
@@ -152,7 +159,7 @@ def _describe_recipe(recipe: Recipe) -> dict[str, Any]:
 
 
 def _write_side_files(
-    stage: Path, model: CanonicalModel, scheme: str, rel: str, external: bool
+    stage: Path, model: CanonicalModel, scheme: str, rel: str, external: bool, fused: bool
 ) -> None:
     """config.json (+ transformers.js_config), generation_config.json, tokenizer files and
     genai_config.json pointing at the graph by its relative path."""
@@ -166,7 +173,7 @@ def _write_side_files(
     A.write_json(stage / "config.json", config)
     A.write_json(stage / "generation_config.json", _generation(spec))
     model.tokenizer.save(stage)
-    A.write_json(stage / "genai_config.json", genai_config(spec, rel))
+    A.write_json(stage / "genai_config.json", genai_config(spec, rel, fused))
 
 
 def _generation(spec: ModelSpec) -> dict[str, Any]:
@@ -178,10 +185,18 @@ def _generation(spec: ModelSpec) -> dict[str, Any]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def genai_config(spec: ModelSpec, filename: str) -> dict[str, Any]:
-    """onnxruntime-genai's config (keys as its model builder writes them, v0.18). Our graph
-    concatenates past and new keys, so past and present cannot share one buffer."""
+def genai_config(spec: ModelSpec, filename: str, fused: bool) -> dict[str, Any]:
+    """onnxruntime-genai's config (keys as its model builder writes them, v0.18). The fused graph's
+    GroupQueryAttention writes in place into one max-length buffer per layer, so past and present
+    share it; the plain graph concatenates past and new keys, so they cannot."""
     eos = spec.eos_token_id if spec.eos_token_id is not None else 0
+    inputs = {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        **({} if fused else {"position_ids": "position_ids"}),
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
     return {
         "model": {
             "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None else eos,
@@ -191,13 +206,7 @@ def genai_config(spec: ModelSpec, filename: str) -> dict[str, Any]:
                 "filename": filename,
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
+                "inputs": inputs,
                 "outputs": {
                     "logits": "logits",
                     "present_key_names": "present.%d.key",
@@ -222,7 +231,7 @@ def genai_config(spec: ModelSpec, filename: str) -> dict[str, Any]:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": fused,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

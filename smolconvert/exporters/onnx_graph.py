@@ -41,13 +41,23 @@ class Graph:
     _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
     _block_sums: dict[tuple[str, int], str] = field(default_factory=dict)
 
-    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs: Any) -> Any:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        n_out: int = 1,
+        outputs: list[str] | None = None,
+        **attrs: Any,
+    ) -> Any:
+        """Append a node; its outputs are `outputs` ("" leaves an optional one out), else the
+        node name (one output) or name:0, name:1, ..."""
         from onnx import helper
 
         domain = attrs.pop("domain", "")
-        outs = [name] if n_out == 1 else [f"{name}:{i}" for i in range(n_out)]
+        outs = outputs or ([name] if n_out == 1 else [f"{name}:{i}" for i in range(n_out)])
         self.nodes.append(helper.make_node(op_type, inputs, outs, name, domain=domain, **attrs))
-        return outs[0] if n_out == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     def weight(self, name: str, array: NDArray, storage: str | None = None) -> str:
         from onnx import numpy_helper
@@ -106,9 +116,12 @@ def add_linear(g: Graph, name: str, w: NDArray[np.float32], codec: BlockCodec | 
     return Linear(add_quantized(g, name, quantize(w, codec)), n, k, codec)
 
 
-def linear(g: Graph, x: str, lin: Linear, name: str, accuracy_level: int) -> str:
+def linear(
+    g: Graph, x: str, lin: Linear, name: str, accuracy_level: int, flat: bool = False
+) -> str:
     """x (B, T, K) @ W^T. Quantized: MatMulNBits (scales, optional uint8 zero points), plus
-    (block sums of x) @ R^T for an offset codec."""
+    (block sums of x) @ R^T for an offset codec. `flat`: x is (M, K) and the offset term is two
+    nodes, x @ S (S sums blocks) and one Gemm adding (sums @ R) to the kernel's output."""
     if lin.codec is None:
         return g.op("MatMul", [x, lin.inputs[0]], name)  # type: ignore[no-any-return]
     weights = [t for t in lin.inputs[:3] if t]  # B, scales, uint8 zero points if any
@@ -128,6 +141,9 @@ def linear(g: Graph, x: str, lin: Linear, name: str, accuracy_level: int) -> str
     offsets = lin.inputs[3]  # (qweight, scales, "", block_offsets): see add_quantized
     if g.float_type != TENSOR_FLOAT16:  # fp16 storage; onnxruntime folds the Cast at load
         offsets = g.op("Cast", [offsets], f"{name}/block_offsets", to=g.float_type)
+    if flat:
+        sums = flat_block_sums(g, x, lin.k, lin.codec.block_size)
+        return g.op("Gemm", [sums, offsets, y], name)  # type: ignore[no-any-return]
     sums = block_sums(g, x, lin.k, lin.codec.block_size)
     return g.op(  # type: ignore[no-any-return]
         "Add", [y, g.op("MatMul", [sums, offsets], f"{name}/offsets")], name
@@ -148,6 +164,17 @@ def block_sums(g: Graph, x: str, k: int, block_size: int) -> str:
         g._block_sums[key] = g.op(
             "ReduceSum", [blocks, g.const([-1])], f"{x}/block_sums{block_size}", keepdims=0
         )
+    return g._block_sums[key]
+
+
+def flat_block_sums(g: Graph, x: str, k: int, block_size: int) -> str:
+    """(M, K) -> (M, n_blocks) as one MatMul with a 0/1 matrix (the last block may be partial:
+    the codec zero-pads it), built once per input."""
+    key = (x, block_size)
+    if key not in g._block_sums:
+        nb = -(-k // block_size)
+        ones = (np.arange(k)[:, None] // block_size == np.arange(nb)[None, :]).astype(g.np_float)
+        g._block_sums[key] = g.op("MatMul", [x, g.const(ones, g.np_float)], f"{x}/block_sums")
     return g._block_sums[key]
 
 
@@ -278,19 +305,52 @@ def rope_and_mask(g: Graph, spec: ModelSpec) -> tuple[str, str, str]:
     return cos, sin, mask
 
 
-def build_decoder(spec: ModelSpec, fetch: Fetch, recipe: Recipe) -> tuple[Any, dict[str, str]]:
-    """The ModelProto and {initializer: storage type}. Weights are read one at a time."""
+def build_decoder(
+    spec: ModelSpec, fetch: Fetch, recipe: Recipe, fused: bool = True
+) -> tuple[Any, dict[str, str]]:
+    """The ModelProto and {initializer: storage type}. Weights are read one at a time.
+
+    `fused`: the layers of onnx_fused.py (onnxruntime contrib ops, right-padded batches, no
+    position_ids input); else the plain graph of standard ops below."""
     from onnx import TensorProto, helper
 
     float_type = TensorProto.FLOAT16 if recipe.float_dtype == "float16" else TensorProto.FLOAT
     g = Graph(float_type)
+    embed, lm_head = embedding_and_head(g, spec, fetch, recipe)
+    if fused:
+        from smolconvert.exporters.onnx_fused import build_layers
+
+        h = build_layers(g, spec, fetch, recipe, embed)
+    else:
+        h = plain_layers(g, spec, fetch, recipe, embed)
+    logits = lm_head(h)
+    if float_type != TensorProto.FLOAT:
+        logits = g.op("Cast", [logits], "/lm_head/fp32", to=TensorProto.FLOAT)
+    g.op("Identity", [logits], "logits")
+    graph = helper.make_graph(
+        g.nodes,
+        "decoder",
+        _inputs(spec, float_type, position_ids=not fused),
+        _outputs(spec, float_type),
+        g.initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="smolconvert",
+        ir_version=IR_VERSION,
+    )
+    return model, g.tensor_types
+
+
+def plain_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed: str) -> str:
+    """The decoder layers and final norm in standard ops (honours position_ids and left padding)."""
     cos, sin, mask = rope_and_mask(g, spec)
     total = g.op("Shape", ["attention_mask"], "/attn/S", start=1, end=2)
     groups = spec.n_heads // spec.n_kv_heads
     split = g.op("Concat", [g.const([0, 0, groups, -1]), total], "/attn/split_shape", axis=0)
     merge = g.op("Concat", [g.const([0, 0, -1]), total], "/attn/merge_shape", axis=0)
     shared = Shared(cos, sin, mask, split, merge, recipe.accuracy_level)
-    embed, lm_head = embedding_and_head(g, spec, fetch, recipe)
     h = embed
     for i in range(spec.n_layers):
         p = f"model.layers.{i}"
@@ -326,21 +386,7 @@ def build_decoder(spec: ModelSpec, fetch: Fetch, recipe: Recipe) -> tuple[Any, d
         )
         h = g.op("Add", [h, m], f"/model/layers.{i}/mlp_residual")
     final = g.weight("model.norm.weight", fetch("model.norm.weight").astype(g.np_float))
-    h = rms_norm(g, h, final, spec.rms_norm_eps, "/model/norm")
-    logits = lm_head(h)
-    if float_type != TensorProto.FLOAT:
-        logits = g.op("Cast", [logits], "/lm_head/fp32", to=TensorProto.FLOAT)
-    g.op("Identity", [logits], "logits")
-    graph = helper.make_graph(
-        g.nodes, "decoder", _inputs(spec, float_type), _outputs(spec, float_type), g.initializers
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-        producer_name="smolconvert",
-        ir_version=IR_VERSION,
-    )
-    return model, g.tensor_types
+    return rms_norm(g, h, final, spec.rms_norm_eps, "/model/norm")
 
 
 def embedding_and_head(
@@ -404,7 +450,7 @@ def embedding_and_head(
     return embed, apply
 
 
-def _inputs(spec: ModelSpec, float_type: int) -> list[Any]:
+def _inputs(spec: ModelSpec, float_type: int, position_ids: bool) -> list[Any]:
     from onnx import TensorProto, helper
 
     out = [
@@ -414,10 +460,13 @@ def _inputs(spec: ModelSpec, float_type: int) -> list[Any]:
         helper.make_tensor_value_info(
             "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
         ),
-        helper.make_tensor_value_info(
-            "position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
-        ),
     ]
+    if position_ids:
+        out.append(
+            helper.make_tensor_value_info(
+                "position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
+            )
+        )
     for i in range(spec.n_layers):
         for kind in ("key", "value"):
             out.append(

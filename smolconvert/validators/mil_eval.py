@@ -234,17 +234,25 @@ def _blockwise_shift_scale(a: dict[str, Any]) -> Tensor:
 
 
 def _lut_to_dense(a: dict[str, Any]) -> Tensor:
-    """iOS18 scalar palettization: lut (*groups, 2**nbits, 1), one table per block of indices."""
+    """iOS18 scalar palettization: lut (*groups, 2**nbits, 1), one table per block of indices.
+
+    Each element looks up entry `index` of its block's table in the flattened lut; memory is
+    one int64 per weight, not a copy of the table per weight."""
     indices, lut = a["indices"].long(), a["lut"].float()
     if a.get("vector_axis") is not None or lut.shape[-1] != 1:
         raise UnsupportedError(
             "mil_eval: vector palettization (vector size > 1) is not implemented"
         )
     k = indices.dim()
-    groups = lut.reshape(*lut.shape[:k], lut.shape[k])  # (*groups, 2**nbits)
+    entries = lut.shape[k]
+    table = torch.zeros(indices.shape, dtype=torch.long)  # linear index of each element's table
     for axis in range(k):
-        groups = groups.repeat_interleave(indices.shape[axis] // lut.shape[axis], axis)
-    return torch.gather(groups, k, indices.unsqueeze(-1)).squeeze(-1)
+        block = indices.shape[axis] // lut.shape[axis]
+        view = [1] * k
+        view[axis] = -1
+        stride = int(np.prod(lut.shape[axis + 1 : k], dtype=np.int64))
+        table += (torch.arange(indices.shape[axis]) // block * stride).reshape(view)
+    return lut.reshape(-1)[table * entries + indices]
 
 
 def _affine_dequantize(a: dict[str, Any]) -> Tensor:

@@ -36,14 +36,9 @@ def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 def _program_weights(package: Path, model) -> dict[str, torch.Tensor]:
     """The canonical tensors as the saved program holds them: float consts as stored, compressed
     ones decompressed by coremltools' own `materialized_val_inference` (the oracle)."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load
+    from tests.coreml_oracle import constexpr_value, load_program
 
-    m = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = m.get_spec()
-    prog = load(
-        spec, specification_version=spec.specificationVersion, file_weights_dir=m.weights_dir
-    )
+    prog = load_program(package)
     names = const_names(model.spec)
     out = {n: model.weights.get(n).float() for n in model.weights.names()}  # 1-D norms
     found = set()
@@ -53,7 +48,7 @@ def _program_weights(package: Path, model) -> dict[str, torch.Tensor]:
             base = next((b for b in names if name.startswith(b + "_") or name == b), None)
             if base is None:
                 continue
-            value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
+            value = op.outputs[0].val if op.op_type == "const" else constexpr_value(op)
             out[names[base]] = torch.from_numpy(np.asarray(value, np.float32))
             found.add(names[base])
     assert found == set(names.values())
@@ -152,6 +147,30 @@ def test_stateless_variant_matches_and_generates(tmp_path: Path) -> None:
     timing = runner.time_generation(IDS[:10], 4)
     greedy = [int(expected[9].argmax())]
     assert timing.tokens[0] == greedy[0] and len(timing.tokens) == 5
+
+
+@pytest.mark.parametrize("codec", ["lut4", "lut6", "lut8"])
+def test_palettization_keeps_outliers_and_resolves_typical_weights(codec: str) -> None:
+    """Rows with a few large weights (SmolLM2's o_proj/down_proj have them): plain k-means spends no
+    table entry on them, which ruined the default model (KLD 11). The pinned extremes keep them,
+    and the typical weights must still be resolved finely."""
+    from smolconvert.exporters.coreml import CODECS
+    from smolconvert.validators.mil_eval import _lut_to_dense
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 96)) * 0.02).astype(np.float32)
+    outliers = [(3, 5, 1.0), (20, 7, -0.8), (21, 50, 0.5)]
+    for r, c, v in outliers:
+        w[r, c] = v
+    enc = CODECS[codec].encode(w)
+    arrays = {k: torch.from_numpy(np.asarray(v).astype(np.float32)) for k, v in enc.arrays.items()}
+    arrays["indices"] = torch.from_numpy(np.asarray(enc.arrays["indices"]).astype(np.int64))
+    got = _lut_to_dense(arrays).numpy()
+    for r, c, v in outliers:
+        assert abs(got[r, c] - v) < 1e-3 * abs(v), (r, c, got[r, c], v)
+    clean = [r for r in range(w.shape[0]) if r not in {r for r, _, _ in outliers}]
+    rel = np.sqrt(((got - w)[clean] ** 2).mean() / (w[clean] ** 2).mean())
+    assert rel < {"lut4": 0.12, "lut6": 0.05, "lut8": 0.02}[codec], rel
 
 
 def test_artifact_folder_and_meta(tmp_path: Path) -> None:

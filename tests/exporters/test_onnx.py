@@ -33,8 +33,11 @@ IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31, 8, 77, 150, 19]
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 
 
-def _export(folder: Path, scheme: str, out: Path, layout: str = "transformers.js") -> Artifact:
-    return export_onnx(load_model(folder), scheme, out, quiet=True, options={"layout": layout})
+def _export(
+    folder: Path, scheme: str, out: Path, layout: str = "transformers.js", graph: str = "fused"
+) -> Artifact:
+    options = {"layout": layout, "graph": graph}
+    return export_onnx(load_model(folder), scheme, out, quiet=True, options=options)
 
 
 def _stored_reference(folder: Path, scheme: str) -> torch.nn.Module:
@@ -59,9 +62,10 @@ def _greedy(ref: torch.nn.Module, ids: list[int], n_new: int, eos: int) -> list[
     return out[len(ids) :]
 
 
+@pytest.mark.parametrize("graph", ["fused", "plain"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_onnxruntime_matches_reference_on_stored_weights(
-    tiny_folder: Path, tmp_path: Path, scheme: str, monkeypatch: pytest.MonkeyPatch
+    tiny_folder: Path, tmp_path: Path, scheme: str, graph: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from smolconvert.exporters import onnx as onnx_exporter
     from smolconvert.validators.onnxruntime import open_onnxruntime_runner
@@ -69,13 +73,13 @@ def test_onnxruntime_matches_reference_on_stored_weights(
     want = _stored_reference(tiny_folder, scheme).logits(IDS).float().numpy()
     recipe = RECIPES[scheme]
     if recipe.accuracy_level:  # int8 activations: the shipped graph is close, not exact ...
-        shipped = _export(tiny_folder, scheme, tmp_path / "shipped")
+        shipped = _export(tiny_folder, scheme, tmp_path / "shipped", graph=graph)
         approx = open_onnxruntime_runner(str(shipped.path("model")), threads=2).logits(IDS)
         assert np.abs(approx - want).max() < 0.05 * np.abs(want).max()
         # ... so the stored weights and the graph's math are checked exactly with fp32 activations
         exact = dataclasses.replace(recipe, accuracy_level=0)
         monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
-    art = _export(tiny_folder, scheme, tmp_path / "art")
+    art = _export(tiny_folder, scheme, tmp_path / "art", graph=graph)
     runner = open_onnxruntime_runner(str(art.path("model")), threads=2)
     got = runner.logits(IDS)
     tol = 2e-2 if scheme == "fp16" else 1e-4
@@ -200,12 +204,14 @@ def test_float_offsets_hold_a_q4_1_grid() -> None:
     assert np.abs(dequantize(quantize(w, CODECS["int4_b32_none"])) - w).max() > 1e-4
 
 
-def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path) -> None:
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph: str) -> None:
     import onnx
 
     folder = tiny.write_folder(tmp_path / "tiny-smollm3", tiny.config("smollm3"))
+    n_layers = tiny.config("smollm3")["num_hidden_layers"]
     for scheme in ("fp32", "int4"):
-        art = _export(folder, scheme, tmp_path / f"tjs-{scheme}")
+        art = _export(folder, scheme, tmp_path / f"tjs-{scheme}", graph=graph)
         files = {f["path"] for f in art.meta["files"]}
         assert {
             "config.json",
@@ -222,16 +228,32 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path) -> No
         assert not any("lm_head" in n for n in inits)
         assert len(embed) == (1 if scheme == "fp32" else 3)  # table, or qweight+scales+zp
         ops = [n.op_type for n in proto.graph.node]
+        inputs = [i.name for i in proto.graph.input]
+        genai = json.loads((art.folder / "genai_config.json").read_text())
+        if graph == "fused":  # packed q/k/v and gate/up; one attention and two norm kernels
+            assert ops.count("GroupQueryAttention") == n_layers
+            assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layers
+            rotary = [
+                next(a.i for a in n.attribute if a.name == "do_rotary")
+                for n in proto.graph.node
+                if n.op_type == "GroupQueryAttention"
+            ]
+            assert rotary == [int(r) for r in load_model(folder).spec.rope_layers]
+            assert inputs[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
+            assert genai["search"]["past_present_share_buffer"] is True
+            projections = 4
+        else:
+            assert "GroupQueryAttention" not in ops
+            assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+            assert genai["search"]["past_present_share_buffer"] is False
+            projections = 7
         if scheme == "int4":  # symmetric kernels; block sums shared by q/k/v and by gate/up
             assert all(len(n.input) <= 3 for n in proto.graph.node if "proj" in n.name)
-            assert ops.count("ReduceSum") == 4 * 4 and ops.count("MatMulNBits") == 7 * 4 + 1
-        assert [i.name for i in proto.graph.input][:3] == [
-            "input_ids",
-            "attention_mask",
-            "position_ids",
-        ]
+            assert ops.count("MatMulNBits") == projections * n_layers + 1
+            block_sums = [n for n in proto.graph.node if "block_sums" in n.name]
+            assert len(block_sums) == 4 * n_layers
         assert proto.graph.output[0].name == "logits"
-        again = _export(folder, scheme, tmp_path / f"again-{scheme}")
+        again = _export(folder, scheme, tmp_path / f"again-{scheme}", graph=graph)
         assert again.meta["files"] == art.meta["files"]  # byte-identical, sha256 per file
     genai = _export(folder, "int8", tmp_path / "genai", layout="genai")
     assert genai.meta["entry_points"]["model"] == "model.onnx"
@@ -240,9 +262,12 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path) -> No
 
 
 @pytest.mark.needs_node
-@pytest.mark.parametrize(("arch", "scheme"), [("llama", "fp32"), ("smollm3", "int4")])
+@pytest.mark.parametrize(
+    ("arch", "scheme", "graph"),
+    [("llama", "fp32", "fused"), ("smollm3", "int4", "fused"), ("llama", "fp32", "plain")],
+)
 def test_transformers_js_in_node_continues_like_the_reference(
-    tmp_path: Path, arch: str, scheme: str
+    tmp_path: Path, arch: str, scheme: str, graph: str
 ) -> None:
     node = shutil.which("node")
     require(node is not None, "needs node (Node.js 18+)")
@@ -251,7 +276,7 @@ def test_transformers_js_in_node_continues_like_the_reference(
         f"needs Transformers.js: npm install --ignore-scripts --prefix {JS_DIR}",
     )
     folder = tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
-    art = _export(folder, scheme, tmp_path / "model-dir")
+    art = _export(folder, scheme, tmp_path / "model-dir", graph=graph)
     prompt = IDS[:6]
     result = subprocess.run(
         [node, str(JS_DIR / "greedy.mjs"), str(art.folder), TJS_DTYPES[scheme], "12"]
@@ -267,9 +292,12 @@ def test_transformers_js_in_node_continues_like_the_reference(
     assert got == want
 
 
-@pytest.mark.parametrize(("arch", "scheme"), [("llama", "int8"), ("smollm3", "fp16")])
+@pytest.mark.parametrize(
+    ("arch", "scheme", "graph"),
+    [("llama", "int8", "plain"), ("smollm3", "fp16", "fused"), ("llama", "int4", "fused")],
+)
 def test_onnxruntime_genai_runs_the_genai_layout_like_the_reference(
-    tmp_path: Path, arch: str, scheme: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, arch: str, scheme: str, graph: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_module("onnxruntime_genai", "onnx")
     import onnxruntime_genai as og
@@ -281,7 +309,7 @@ def test_onnxruntime_genai_runs_the_genai_layout_like_the_reference(
     monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
 
     folder = tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
-    art = _export(folder, scheme, tmp_path / "genai", layout="genai")
+    art = _export(folder, scheme, tmp_path / "genai", layout="genai", graph=graph)
     prompt = IDS[:6]
     model = og.Model(str(art.folder))
     params = og.GeneratorParams(model)

@@ -35,19 +35,9 @@ def _save(build, inputs, tmp_path: Path, name: str = "p") -> Path:
 
 def _constexpr_oracle(path: Path) -> dict[str, np.ndarray]:
     """coremltools' own decompression of every constexpr op in the saved program."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load
+    from tests.coreml_oracle import constexpr_values
 
-    m = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = m.get_spec()
-    prog = load(
-        spec, specification_version=spec.specificationVersion, file_weights_dir=m.weights_dir
-    )
-    return {
-        op.outputs[0].name: np.asarray(op.materialized_val_inference(), np.float32)
-        for op in prog.functions["main"].operations
-        if op.op_type.startswith("constexpr_")
-    }
+    return constexpr_values(path)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +109,34 @@ def test_lut_to_dense_equals_coremltools(tmp_path: Path, nbits: int) -> None:
     np.testing.assert_array_equal(got, oracle[name])
     # and the lookup really is per group of 16 rows: a shared table would not give this
     assert not np.array_equal(got[:16], lut[1, 0, idx[:16].astype(np.int64), 0])
+
+
+def test_int8_table_with_row_scale_equals_coremltools(tmp_path: Path) -> None:
+    """The palettization our exporter writes: an int8 table per row, scaled per row by
+    blockwise_shift_scale, then looked up by lut_to_dense."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from smolconvert.validators.mil_eval import MilProgram
+
+    rng = np.random.default_rng(0)
+    rows, cols = 32, 48
+    idx = rng.integers(0, 16, (rows, cols)).astype(np.uint8).astype(types.np_uint4_dtype)
+    table = rng.integers(-127, 128, (rows, 1, 16, 1)).astype(np.int8)
+    scale = (rng.random((rows, 1, 1, 1)) + 0.5).astype(np.float16)
+
+    def build(x):
+        lut = mb.constexpr_blockwise_shift_scale(data=table, scale=scale, name="table")
+        w = mb.constexpr_lut_to_dense(indices=idx, lut=lut, name="w")
+        return mb.linear(x=x, weight=mb.cast(x=w, dtype="fp32"), name="y")
+
+    path = _save(build, [mb.TensorSpec(shape=(1, cols), dtype=types.fp32)], tmp_path)
+    oracle = _constexpr_oracle(path)
+    got = MilProgram(path).constants["w"].numpy()
+    np.testing.assert_array_equal(got, oracle["w"])
+    row = np.arange(rows)[:, None]
+    expect = (scale[:, 0, :, 0].astype(np.float32) * table[:, 0, :, 0]).astype(np.float16)
+    np.testing.assert_array_equal(got, expect[row, idx.astype(np.int64)])
 
 
 def test_fp16_ops_are_rounded_to_fp16(tmp_path: Path) -> None:

@@ -1,0 +1,203 @@
+"""The decoder layers with onnxruntime's fused contrib ops (the "fused" graph, the default).
+
+Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm in one kernel), one projection
+for q/k/v packed along N, GroupQueryAttention (RoPE from cos/sin tables, the KV cache append, GQA
+and softmax in one kernel), one projection for gate/up, and the down projection. That is the shape
+of the onnxruntime-genai builder's CPU graph; the plain graph (onnx_graph.py) needs ~3x the nodes,
+and at decode time node overhead is most of the work (measured in
+benchmarks/onnx_vs_genai_builder.py).
+
+GroupQueryAttention takes positions from the attention mask (seqlens_k = mask sum - 1): a
+sequence's tokens are its first seqlens_k + 1 cache rows, so batches are right-padded or unpadded,
+as for every onnxruntime-genai model. The graph therefore has no position_ids input; the plain
+graph keeps it for left-padded batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from smolconvert.exporters.onnx_graph import (
+    MS_DOMAIN,
+    Fetch,
+    Graph,
+    Linear,
+    add_linear,
+    linear,
+    rms_norm,
+)
+from smolconvert.exporters.onnx_quant import Recipe
+from smolconvert.model.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class GqaInputs:
+    seqlens_k: str  # (B,) int32: tokens in the cache after this step, minus one
+    total: str  # () int32: the mask's length
+    cos: str  # (max positions, D/2) in the graph's float type, folded to a constant at load
+    sin: str
+
+
+def gqa_inputs(g: Graph, spec: ModelSpec) -> GqaInputs:
+    from onnx import TensorProto
+
+    mask_sum = g.op("ReduceSum", ["attention_mask", g.const([1])], "/gqa/mask_sum", keepdims=0)
+    seqlens = g.op("Sub", [mask_sum, g.const(1)], "/gqa/seqlens_k64")
+    seqlens = g.op("Cast", [seqlens], "/gqa/seqlens_k", to=TensorProto.INT32)
+    total = g.op("Shape", ["attention_mask"], "/gqa/total64", start=1, end=2)
+    total = g.op("Squeeze", [g.op("Cast", [total], "/gqa/total1", to=TensorProto.INT32)], "/gqa/S")
+    # cos/sin tables from a few constants: onnxruntime folds them once at session load, so the
+    # file does not carry max_position_embeddings * head_dim floats.
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    positions = g.op(
+        "Range",
+        [
+            g.const(0.0, np.float32),
+            g.const(float(spec.max_position_embeddings), np.float32),
+            g.const(1.0, np.float32),
+        ],
+        "/gqa/positions",
+    )
+    freqs = g.op(
+        "Mul",
+        [
+            g.op("Unsqueeze", [positions, g.const([1])], "/gqa/positions2"),
+            g.const(inv_freq[None], np.float32),
+        ],
+        "/gqa/freqs",
+    )
+    cos, sin = g.op("Cos", [freqs], "/gqa/cos32"), g.op("Sin", [freqs], "/gqa/sin32")
+    if g.np_float is not np.float32:
+        cos = g.op("Cast", [cos], "/gqa/cos", to=g.float_type)
+        sin = g.op("Cast", [sin], "/gqa/sin", to=g.float_type)
+    return GqaInputs(seqlens, total, cos, sin)
+
+
+def _packed(g: Graph, name: str, fetch: Fetch, parts: list[str], recipe: Recipe) -> Linear:
+    """One projection for several weights that read the same input, stacked along N (rows).
+    Quantization is per row block, so this stores exactly what separate projections would."""
+    w = np.concatenate([fetch(p) for p in parts], axis=0)
+    return add_linear(g, name, w, recipe.codec_for("linear"))
+
+
+def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed: str) -> str:
+    """All decoder layers and the final norm: embeddings (B, T, d) -> normed hidden states."""
+    nh, kv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    acc = recipe.accuracy_level
+    gi = gqa_inputs(g, spec)
+
+    def norm_weight(name: str) -> str:
+        return g.weight(name, fetch(name).astype(g.np_float))
+
+    # With offset codecs the layers run on (B*T, hidden) rows, so each projection's offset term
+    # is one Gemm (two Reshapes per layer around the attention buy two nodes per projection).
+    codec = recipe.codec_for("linear")
+    flat = codec is not None and codec.zero_point == "offset16"
+    batch_seq = g.op("Shape", ["input_ids"], "/model/batch_seq") if flat else ""
+    rows = embed
+    if flat:
+        rows = g.op("Reshape", [embed, g.const([-1, spec.hidden_size])], "/model/embed_rows")
+        qkv_shape = g.op("Concat", [batch_seq, g.const([-1])], "/model/qkv_shape", axis=0)
+    first = norm_weight("model.layers.0.input_layernorm.weight")
+    x = rms_norm(g, rows, first, spec.rms_norm_eps, "/model/layers.0/input_layernorm")
+    residual = rows
+    for i in range(spec.n_layers):
+        p, q = f"model.layers.{i}", f"/model/layers.{i}"
+        qkv_w = _packed(
+            g,
+            f"{p}.self_attn.qkv_proj",
+            fetch,
+            [f"{p}.self_attn.{t}_proj.weight" for t in "qkv"],
+            recipe,
+        )
+        o_w = add_linear(
+            g,
+            f"{p}.self_attn.o_proj.weight",
+            fetch(f"{p}.self_attn.o_proj.weight"),
+            recipe.codec_for("linear"),
+        )
+        post = norm_weight(f"{p}.post_attention_layernorm.weight")
+        gate_up_w = _packed(
+            g,
+            f"{p}.mlp.gate_up_proj",
+            fetch,
+            [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"],
+            recipe,
+        )
+        down_w = add_linear(
+            g,
+            f"{p}.mlp.down_proj.weight",
+            fetch(f"{p}.mlp.down_proj.weight"),
+            recipe.codec_for("linear"),
+        )
+        qkv = linear(g, x, qkv_w, f"{q}/self_attn/qkv_proj", acc, flat=flat)
+        if flat:
+            qkv = g.op("Reshape", [qkv, qkv_shape], f"{q}/self_attn/qkv_bsd")
+        rotary = spec.rope_layers[i]
+        context = f"{q}/self_attn/gqa"
+        g.op(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                gi.seqlens_k,
+                gi.total,
+                *((gi.cos, gi.sin) if rotary else ()),
+            ],
+            context,
+            outputs=[context, f"present.{i}.key", f"present.{i}.value"],
+            domain=MS_DOMAIN,
+            num_heads=nh,
+            kv_num_heads=kv,
+            scale=float(d**-0.5),
+            do_rotary=int(rotary),
+            rotary_interleaved=0,
+        )
+        if flat:
+            context = g.op(
+                "Reshape", [context, g.const([-1, nh * d])], f"{q}/self_attn/context_rows"
+            )
+        attn = linear(g, context, o_w, f"{q}/self_attn/o_proj", acc, flat=flat)
+        name = f"{q}/post_attention_layernorm"
+        x, residual = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [attn, residual, post],
+            name,
+            outputs=[name, "", "", f"{q}/attn_residual"],
+            domain=MS_DOMAIN,
+            epsilon=spec.rms_norm_eps,
+        )[::3]
+        gate_up = linear(g, x, gate_up_w, f"{q}/mlp/gate_up_proj", acc, flat=flat)
+        gate, up = g.op("Split", [gate_up], f"{q}/mlp/split", n_out=2, axis=-1, num_outputs=2)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{q}/mlp/sigmoid")], f"{q}/mlp/silu")
+        mlp = linear(
+            g,
+            g.op("Mul", [act, up], f"{q}/mlp/act_up"),
+            down_w,
+            f"{q}/mlp/down_proj",
+            acc,
+            flat=flat,
+        )
+        last = i == spec.n_layers - 1
+        gamma = norm_weight(
+            "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
+        )
+        name = "/model/norm" if last else f"/model/layers.{i + 1}/input_layernorm"
+        x, residual = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [mlp, residual, gamma],
+            name,
+            outputs=[name, "", "", "" if last else f"{q}/mlp_residual"],
+            domain=MS_DOMAIN,
+            epsilon=spec.rms_norm_eps,
+        )[::3]
+    if not flat:
+        return x
+    shape = g.op("Concat", [batch_seq, g.const([spec.hidden_size])], "/model/hidden_shape", axis=0)
+    return g.op("Reshape", [x, shape], "/model/hidden")  # type: ignore[no-any-return]
