@@ -467,16 +467,7 @@ def _inputs(spec: ModelSpec, float_type: int, position_ids: bool) -> list[Any]:
                 "position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
             )
         )
-    for i in range(spec.n_layers):
-        for kind in ("key", "value"):
-            out.append(
-                helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}",
-                    float_type,
-                    ["batch_size", spec.n_kv_heads, "past_sequence_length", spec.head_dim],
-                )
-            )
-    return out
+    return out + _kv_cache(spec, float_type, "past_key_values", "past_sequence_length")
 
 
 def _outputs(spec: ModelSpec, float_type: int) -> list[Any]:
@@ -487,13 +478,16 @@ def _outputs(spec: ModelSpec, float_type: int) -> list[Any]:
             "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", spec.vocab_size]
         )
     ]
-    for i in range(spec.n_layers):
-        for kind in ("key", "value"):
-            out.append(
-                helper.make_tensor_value_info(
-                    f"present.{i}.{kind}",
-                    float_type,
-                    ["batch_size", spec.n_kv_heads, "total_sequence_length", spec.head_dim],
-                )
-            )
-    return out
+    return out + _kv_cache(spec, float_type, "present", "total_sequence_length")
+
+
+def _kv_cache(spec: ModelSpec, float_type: int, prefix: str, length: str) -> list[Any]:
+    """{prefix}.N.key/value value infos, (batch, kv_heads, `length`, head_dim) per layer."""
+    from onnx import helper
+
+    shape = ["batch_size", spec.n_kv_heads, length, spec.head_dim]
+    return [
+        helper.make_tensor_value_info(f"{prefix}.{i}.{kind}", float_type, shape)
+        for i in range(spec.n_layers)
+        for kind in ("key", "value")
+    ]
