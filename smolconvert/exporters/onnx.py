@@ -9,6 +9,7 @@ carry a genai_config.json, so one Transformers.js folder also runs in onnxruntim
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,20 @@ from smolconvert import artifact as A
 from smolconvert import progress
 from smolconvert.errors import MissingDependencyError
 from smolconvert.exporters.onnx_graph import IR_VERSION, OPSET
-from smolconvert.exporters.onnx_quant import CODECS, RECIPES, Recipe
+from smolconvert.exporters.onnx_quant import (
+    CODECS,
+    RECIPES,
+    QuantizedWeight,
+    Recipe,
+    dequantize,
+    quantize,
+    role_of,
+    split_rows,
+)
 from smolconvert.model.imatrix import Imatrix
 from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
-from smolconvert.model.weights import canonical_names
+from smolconvert.model.weights import canonical_names, expected_shape
 
 INSTALL_HINT = "pip install 'smolconvert[onnx]'"
 # graph: "fused" = onnxruntime contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization,
@@ -98,8 +108,14 @@ def export_onnx(
         names.discard(name)
         return model.weights.get(name).float().numpy()
 
+    quantized, calibration = {}, None
+    if recipe.gptq:
+        step(f"GPTQ over {spec.n_layers} layers on calibration text")
+        quantized, calibration = _gptq(model, recipe)
     step(f"building the {scheme} {graph} decoder graph ({spec.n_layers} layers)")
-    proto, tensor_types = build_decoder(spec, fetch, recipe, fused=graph == "fused")
+    proto, tensor_types = build_decoder(
+        spec, fetch, recipe, fused=graph == "fused", quantized=quantized
+    )
     assert not names, f"tensors never written: {sorted(names)}"
     rel = f"onnx/{TJS_FILES[scheme]}" if layout == "transformers.js" else "model.onnx"
     with A.staging(out) as stage:
@@ -130,7 +146,8 @@ def export_onnx(
             "tensor_types": tensor_types,
             "options": {"layout": layout, "graph": graph},
             "recipe": _describe_recipe(recipe),
-            "imatrix": None,  # weight-only round-to-nearest with scale search: no imatrix use
+            "imatrix": None,  # GPTQ (below) takes whole Hessians, not the diagonal an imatrix holds
+            "calibration": calibration,
             "layout": f"{layout}: {LAYOUT_NOTE}",
             "opset": {"ai.onnx": OPSET, "com.microsoft": 1, "ir_version": IR_VERSION},
             "tool_versions": A.tool_versions("onnx", "numpy", "torch"),
@@ -140,10 +157,46 @@ def export_onnx(
     return A.Artifact(out, meta)
 
 
+def _gptq(
+    model: CanonicalModel, recipe: Recipe
+) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
+    """Every quantized tensor of `recipe` by sequential GPTQ on the built-in calibration text (the
+    half of pydoc's topics that the default evaluation never reads)."""
+    import torch
+
+    from smolconvert.quantizers.gptq import DAMP, sequential_gptq
+    from smolconvert.texts import default_calibration_text
+
+    text = default_calibration_text()
+    done: dict[str, QuantizedWeight] = {}
+
+    def quantize_group(parts: Sequence[str], hessian: torch.Tensor) -> dict[str, torch.Tensor]:
+        codec = recipe.codec_for(role_of(parts[0]))
+        if codec is None:
+            return {}
+        ws = [model.weights.get(p).float().numpy() for p in parts]
+        rows = [len(w) for w in ws]
+        qw = quantize(np.concatenate(ws, axis=0), codec, hessian)
+        done.update(zip(parts, split_rows(qw, rows), strict=True))
+        deq = np.split(dequantize(qw), np.cumsum(rows)[:-1])
+        return {p: torch.from_numpy(d) for p, d in zip(parts, deq, strict=True)}
+
+    tokens = sequential_gptq(model, text.text, quantize_group)
+    meta = {
+        "method": "gptq",
+        "damp": DAMP,
+        "text_name": text.name,
+        "text_sha256": text.sha256,
+        "tokens": tokens,
+    }
+    return done, meta
+
+
 def _describe_recipe(recipe: Recipe) -> dict[str, Any]:
     return {
         "float_dtype": recipe.float_dtype,
         "accuracy_level": recipe.accuracy_level,
+        "gptq": recipe.gptq,
         "rules": {r.role: r.codec for r in recipe.rules},
         "codecs": {
             r.codec: {
@@ -238,3 +291,57 @@ def genai_config(spec: ModelSpec, filename: str, fused: bool) -> dict[str, Any]:
             "top_p": 1.0,
         },
     }
+
+
+def stored_weights(model_path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The canonical float32 weights a graph written by export_onnx holds, read back from the file
+    and dequantized (packed q/k/v and gate/up split again): what onnxruntime multiplies by."""
+    import onnx
+    from onnx import numpy_helper
+
+    from smolconvert.exporters.onnx_quant import QuantizedWeight
+
+    proto = onnx.load(str(model_path))
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Reshape"}
+    kernels = {}  # qweight name -> (bits, block_size), from MatMulNBits / GatherBlockQuantized
+    for node in proto.graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            attrs = {a.name: a.i for a in node.attribute}
+            data = alias.get(node.input[0 if node.op_type == "GatherBlockQuantized" else 1])
+            data = node.input[1] if node.op_type == "MatMulNBits" else data
+            kernels[data] = (attrs["bits"], attrs["block_size"])
+
+    def dequantized(prefix: str, shape: tuple[int, int]) -> np.ndarray:
+        bits, block_size = kernels[f"{prefix}.qweight"]
+        zp = init.get(f"{prefix}.zero_points")
+        codec = CODECS[f"int{bits}_b{block_size}_{'none' if zp is None else 'uint8'}"]
+        qw = QuantizedWeight(codec, shape, init[f"{prefix}.qweight"], init[f"{prefix}.scales"], zp)
+        return dequantize(qw)
+
+    # packed projections of the fused graph: canonical parts stacked along N, in this order
+    packs = {
+        "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+    }
+    out: dict[str, np.ndarray] = {}
+    for name in canonical_names(spec):
+        if name in init:  # float: projections are stored (K, N) for MatMul
+            w = init[name].astype(np.float32)
+            out[name] = w.T if name.endswith("proj.weight") else w
+        elif f"{name}.qweight" in init:
+            out[name] = dequantized(name, expected_shape(spec, name))  # type: ignore[arg-type]
+        elif name not in out:  # a part of a packed projection
+            layer, kind = name.split(".")[2], name.split(".")[-2]
+            pack, kinds = next((p, k) for p, k in packs.items() if kind in k)
+            parts = [f"model.layers.{layer}.{pack.split('.')[0]}.{k}.weight" for k in kinds]
+            rows = [expected_shape(spec, p)[0] for p in parts]
+            shape = (sum(rows), expected_shape(spec, name)[1])
+            stored = f"model.layers.{layer}.{pack}"
+            whole = (
+                init[stored].astype(np.float32).T  # float, (K, N) for MatMul
+                if stored in init
+                else dequantized(stored, shape)
+            )
+            out.update(zip(parts, np.split(whole, np.cumsum(rows)[:-1]), strict=True))
+    return {n: out[n] for n in canonical_names(spec)}

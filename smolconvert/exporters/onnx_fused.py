@@ -26,9 +26,8 @@ from smolconvert.exporters.onnx_graph import (
     Linear,
     add_linear,
     linear,
-    rms_norm,
 )
-from smolconvert.exporters.onnx_quant import Recipe
+from smolconvert.exporters.onnx_quant import Recipe, role_of
 from smolconvert.model.spec import ModelSpec
 
 
@@ -80,7 +79,7 @@ def _packed(g: Graph, name: str, fetch: Fetch, parts: list[str], recipe: Recipe)
     """One projection for several weights that read the same input, stacked along N (rows).
     Quantization is per row block, so this stores exactly what separate projections would."""
     w = np.concatenate([fetch(p) for p in parts], axis=0)
-    return add_linear(g, name, w, recipe.codec_for("linear"))
+    return add_linear(g, name, w, recipe.codec_for(role_of(parts[0])), parts)
 
 
 def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed: str) -> str:
@@ -92,18 +91,16 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
     def norm_weight(name: str) -> str:
         return g.weight(name, fetch(name).astype(g.np_float))
 
-    # With offset codecs the layers run on (B*T, hidden) rows, so each projection's offset term
-    # is one Gemm (two Reshapes per layer around the attention buy two nodes per projection).
-    codec = recipe.codec_for("linear")
-    flat = codec is not None and codec.zero_point == "offset16"
-    batch_seq = g.op("Shape", ["input_ids"], "/model/batch_seq") if flat else ""
-    rows = embed
-    if flat:
-        rows = g.op("Reshape", [embed, g.const([-1, spec.hidden_size])], "/model/embed_rows")
-        qkv_shape = g.op("Concat", [batch_seq, g.const([-1])], "/model/qkv_shape", axis=0)
     first = norm_weight("model.layers.0.input_layernorm.weight")
-    x = rms_norm(g, rows, first, spec.rms_norm_eps, "/model/layers.0/input_layernorm")
-    residual = rows
+    x = g.op(  # onnxruntime's RMSNorm kernel (stash_type 1: fp32 statistics for fp16 graphs)
+        "SimplifiedLayerNormalization",
+        [embed, first],
+        "/model/layers.0/input_layernorm",
+        axis=-1,
+        epsilon=spec.rms_norm_eps,
+        stash_type=1,
+    )
+    residual = embed
     for i in range(spec.n_layers):
         p, q = f"model.layers.{i}", f"/model/layers.{i}"
         qkv_w = _packed(
@@ -133,9 +130,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             fetch(f"{p}.mlp.down_proj.weight"),
             recipe.codec_for("linear"),
         )
-        qkv = linear(g, x, qkv_w, f"{q}/self_attn/qkv_proj", acc, flat=flat)
-        if flat:
-            qkv = g.op("Reshape", [qkv, qkv_shape], f"{q}/self_attn/qkv_bsd")
+        qkv = linear(g, x, qkv_w, f"{q}/self_attn/qkv_proj", acc)
         rotary = spec.rope_layers[i]
         context = f"{q}/self_attn/gqa"
         g.op(
@@ -159,11 +154,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             do_rotary=int(rotary),
             rotary_interleaved=0,
         )
-        if flat:
-            context = g.op(
-                "Reshape", [context, g.const([-1, nh * d])], f"{q}/self_attn/context_rows"
-            )
-        attn = linear(g, context, o_w, f"{q}/self_attn/o_proj", acc, flat=flat)
+        attn = linear(g, context, o_w, f"{q}/self_attn/o_proj", acc)
         name = f"{q}/post_attention_layernorm"
         x, residual = g.op(
             "SkipSimplifiedLayerNormalization",
@@ -173,7 +164,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             domain=MS_DOMAIN,
             epsilon=spec.rms_norm_eps,
         )[::3]
-        gate_up = linear(g, x, gate_up_w, f"{q}/mlp/gate_up_proj", acc, flat=flat)
+        gate_up = linear(g, x, gate_up_w, f"{q}/mlp/gate_up_proj", acc)
         gate, up = g.op("Split", [gate_up], f"{q}/mlp/split", n_out=2, axis=-1, num_outputs=2)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{q}/mlp/sigmoid")], f"{q}/mlp/silu")
         mlp = linear(
@@ -182,7 +173,6 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             down_w,
             f"{q}/mlp/down_proj",
             acc,
-            flat=flat,
         )
         last = i == spec.n_layers - 1
         gamma = norm_weight(
@@ -197,7 +187,4 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             domain=MS_DOMAIN,
             epsilon=spec.rms_norm_eps,
         )[::3]
-    if not flat:
-        return x
-    shape = g.op("Concat", [batch_seq, g.const([spec.hidden_size])], "/model/hidden_shape", axis=0)
-    return g.op("Reshape", [x, shape], "/model/hidden")  # type: ignore[no-any-return]
+    return x

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from smolconvert.exporters.onnx_quant import BlockCodec, QuantizedWeight, Recipe, quantize
+from smolconvert.exporters.onnx_quant import (
+    BlockCodec,
+    QuantizedWeight,
+    Recipe,
+    quantize,
+    role_of,
+    stack_rows,
+)
 from smolconvert.model.reference import MASK_VALUE
 from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import LAYER_TENSORS
@@ -38,8 +45,10 @@ class Graph:
     nodes: list[Any] = field(default_factory=list)
     initializers: list[Any] = field(default_factory=list)
     tensor_types: dict[str, str] = field(default_factory=dict)  # initializer -> storage type
+    # canonical weight name -> its quantized form computed beforehand (GPTQ); others are quantized
+    # round-to-nearest as they are added
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
-    _block_sums: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def op(
         self,
@@ -78,6 +87,16 @@ class Graph:
             self._consts[key] = name
         return self._consts[key]
 
+    def quantize(
+        self, parts: list[str], w: NDArray[np.float32], codec: BlockCodec
+    ) -> QuantizedWeight:
+        """w: the weights named `parts` stacked along N; precomputed parts are used as they are."""
+        if all(p in self.quantized for p in parts):
+            qw = stack_rows([self.quantized[p] for p in parts])
+            assert qw.codec == codec and qw.shape == w.shape, (parts, qw.codec, codec)
+            return qw
+        return quantize(w, codec)
+
     @property
     def np_float(self) -> Any:
         from onnx import TensorProto
@@ -104,31 +123,32 @@ def add_quantized(g: Graph, prefix: str, qw: QuantizedWeight) -> tuple[str, ...]
     ]
     if qw.zero_points is not None:
         names.append(g.weight(f"{prefix}.zero_points", qw.zero_points))
-    if qw.offsets is not None:  # stored transposed, (n_blocks, N): the MatMul's right operand
-        names += ["", g.weight(f"{prefix}.block_offsets", qw.offsets.T, f"{c.name} (offsets)")]
     return tuple(names)
 
 
-def add_linear(g: Graph, name: str, w: NDArray[np.float32], codec: BlockCodec | None) -> Linear:
+def add_linear(
+    g: Graph,
+    name: str,
+    w: NDArray[np.float32],
+    codec: BlockCodec | None,
+    parts: list[str] | None = None,
+) -> Linear:
+    """One projection; `parts`: the canonical weights stacked in w (default: just `name`)."""
     n, k = w.shape
     if codec is None:
         return Linear((g.weight(name, w.T.astype(g.np_float)),), n, k, None)
-    return Linear(add_quantized(g, name, quantize(w, codec)), n, k, codec)
+    return Linear(add_quantized(g, name, g.quantize(parts or [name], w, codec)), n, k, codec)
 
 
-def linear(
-    g: Graph, x: str, lin: Linear, name: str, accuracy_level: int, flat: bool = False
-) -> str:
-    """x (B, T, K) @ W^T. Quantized: MatMulNBits (scales, optional uint8 zero points), plus
-    (block sums of x) @ R^T for an offset codec. `flat`: x is (M, K) and the offset term is two
-    nodes, x @ S (S sums blocks) and one Gemm adding (sums @ R) to the kernel's output."""
+def linear(g: Graph, x: str, lin: Linear, name: str, accuracy_level: int) -> str:
+    """x (B, T, K) @ W^T: MatMul on a float weight, or MatMulNBits (scales, optional uint8 zero
+    points)."""
     if lin.codec is None:
         return g.op("MatMul", [x, lin.inputs[0]], name)  # type: ignore[no-any-return]
-    weights = [t for t in lin.inputs[:3] if t]  # B, scales, uint8 zero points if any
-    y = g.op(
+    return g.op(  # type: ignore[no-any-return]
         "MatMulNBits",
-        [x, *weights],
-        name if len(lin.inputs) < 4 else f"{name}/symmetric",
+        [x, *lin.inputs],
+        name,
         domain=MS_DOMAIN,
         K=lin.k,
         N=lin.n,
@@ -136,46 +156,6 @@ def linear(
         block_size=lin.codec.block_size,
         accuracy_level=accuracy_level,
     )
-    if len(lin.inputs) < 4:
-        return y  # type: ignore[no-any-return]
-    offsets = lin.inputs[3]  # (qweight, scales, "", block_offsets): see add_quantized
-    if g.float_type != TENSOR_FLOAT16:  # fp16 storage; onnxruntime folds the Cast at load
-        offsets = g.op("Cast", [offsets], f"{name}/block_offsets", to=g.float_type)
-    if flat:
-        sums = flat_block_sums(g, x, lin.k, lin.codec.block_size)
-        return g.op("Gemm", [sums, offsets, y], name)  # type: ignore[no-any-return]
-    sums = block_sums(g, x, lin.k, lin.codec.block_size)
-    return g.op(  # type: ignore[no-any-return]
-        "Add", [y, g.op("MatMul", [sums, offsets], f"{name}/offsets")], name
-    )
-
-
-def block_sums(g: Graph, x: str, k: int, block_size: int) -> str:
-    """(B, T, K) -> (B, T, n_blocks): x summed per weight block (zero-padded as the codec pads),
-    built once per input (q/k/v, gate/up share it)."""
-    key = (x, block_size)
-    if key not in g._block_sums:
-        nb = -(-k // block_size)
-        xp = x
-        if nb * block_size != k:
-            pads = g.const([0, 0, 0, 0, 0, nb * block_size - k])
-            xp = g.op("Pad", [x, pads], f"{x}/pad{block_size}")
-        blocks = g.op("Reshape", [xp, g.const([0, 0, nb, block_size])], f"{x}/blocks{block_size}")
-        g._block_sums[key] = g.op(
-            "ReduceSum", [blocks, g.const([-1])], f"{x}/block_sums{block_size}", keepdims=0
-        )
-    return g._block_sums[key]
-
-
-def flat_block_sums(g: Graph, x: str, k: int, block_size: int) -> str:
-    """(M, K) -> (M, n_blocks) as one MatMul with a 0/1 matrix (the last block may be partial:
-    the codec zero-pads it), built once per input."""
-    key = (x, block_size)
-    if key not in g._block_sums:
-        nb = -(-k // block_size)
-        ones = (np.arange(k)[:, None] // block_size == np.arange(nb)[None, :]).astype(g.np_float)
-        g._block_sums[key] = g.op("MatMul", [x, g.const(ones, g.np_float)], f"{x}/block_sums")
-    return g._block_sums[key]
 
 
 def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str) -> str:
@@ -306,16 +286,21 @@ def rope_and_mask(g: Graph, spec: ModelSpec) -> tuple[str, str, str]:
 
 
 def build_decoder(
-    spec: ModelSpec, fetch: Fetch, recipe: Recipe, fused: bool = True
+    spec: ModelSpec,
+    fetch: Fetch,
+    recipe: Recipe,
+    fused: bool = True,
+    quantized: dict[str, QuantizedWeight] | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """The ModelProto and {initializer: storage type}. Weights are read one at a time.
 
     `fused`: the layers of onnx_fused.py (onnxruntime contrib ops, right-padded batches, no
-    position_ids input); else the plain graph of standard ops below."""
+    position_ids input); else the plain graph of standard ops below. `quantized`: weights already
+    quantized (by canonical name), e.g. by GPTQ."""
     from onnx import TensorProto, helper
 
     float_type = TensorProto.FLOAT16 if recipe.float_dtype == "float16" else TensorProto.FLOAT
-    g = Graph(float_type)
+    g = Graph(float_type, quantized=dict(quantized or {}))
     embed, lm_head = embedding_and_head(g, spec, fetch, recipe)
     if fused:
         from smolconvert.exporters.onnx_fused import build_layers
@@ -356,7 +341,7 @@ def plain_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
         p = f"model.layers.{i}"
         w = {
             t.split(".")[1]: add_linear(
-                g, f"{p}.{t}", fetch(f"{p}.{t}"), recipe.codec_for("linear")
+                g, f"{p}.{t}", fetch(f"{p}.{t}"), recipe.codec_for(role_of(f"{p}.{t}"))
             )
             for t in LAYER_TENSORS
             if "proj" in t
@@ -398,16 +383,13 @@ def embedding_and_head(
     v, d = spec.vocab_size, spec.hidden_size
     name = "model.embed_tokens.weight"
     codec = recipe.codec_for("embedding")
-    if codec is not None and codec.zero_point == "offset16":
-        raise AssertionError("GatherBlockQuantized takes uint8 zero points only")
     table = fetch(name)
     if codec is None:
         e = g.weight(name, table.astype(g.np_float))
         embed = g.op("Gather", [e, "input_ids"], "/model/embed_tokens")
         tied_head = Linear((e,), v, d, None)
     else:
-        qw = quantize(table, codec)
-        qnames = add_quantized(g, name, qw)
+        qnames = add_quantized(g, name, g.quantize([name], table, codec))
         rows = g.op("Reshape", [qnames[0], g.const([v, -1])], "/model/embed_tokens/rows")
         inputs = [rows, "input_ids", qnames[1]] + list(qnames[2:])
         embed = g.op(

@@ -3,11 +3,10 @@
 Codec: a (rows N, cols K) weight is cut into blocks of `block_size` along K (zero-padded to whole
 blocks); each block keeps `bits`-bit levels q and a scale, dequantized as (q - zero_point) * scale,
 the formula of onnxruntime's `contrib_ops/cpu/quantization/matmul_nbits.cc`. Zero points are either
-the op's implicit 2**(bits-1) (symmetric), packed uint8 per block (asymmetric), or "offset16": the
-symmetric kernel plus a float offset r per block, w = scale * (q - 2**(bits-1)) + r (fp16 r;
-~exact on llama.cpp's Q4_1 scale+min grid, w = d*q + m). The offset is applied in the graph as
-(block sums of x) @ R^T, because MatMulNBits' own float zero points run ~10x slower than none
-(measured 6.1 ms vs 0.7 ms, K=576 N=1536 M=1, onnxruntime 1.32 CPU).
+the op's implicit 2**(bits-1) (symmetric) or packed uint8 per block (asymmetric); float zero points
+are left out: MatMulNBits runs them ~10x slower than none (measured 6.1 ms vs 0.7 ms, K=576
+N=1536 M=1, onnxruntime 1.32 CPU). Levels come from round-to-nearest with the codec's scale
+search, or from GPTQ on calibration Hessians (quantizers/gptq.py) when the recipe asks for it.
 Weights only: activations stay float, unlike `quantize_dynamic` (the reason its KLD is poor).
 Recipe: ordered first-match rules (role -> codec), kept apart from packing and graph building.
 """
@@ -15,11 +14,16 @@ Recipe: ordered first-match rules (role -> codec), kept apart from packing and g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
+from smolconvert.quantizers.gptq import GridSearch, gptq
 from smolconvert.quantizers.scale_search import make_qx_quants
+
+if TYPE_CHECKING:
+    import torch
 
 Floats = NDArray[np.float32]
 
@@ -29,11 +33,11 @@ class BlockCodec:
     name: str
     bits: int  # 4 or 8
     block_size: int  # 32, 64, 128
-    zero_point: str  # "none" (implicit 2**(bits-1)), "uint8" (packed), "offset16" (fp16 r)
+    zero_point: str  # "none" (implicit 2**(bits-1)) or "uint8" (packed)
 
     @property
     def bits_per_weight(self) -> float:
-        zp = {"none": 0, "uint8": self.bits, "offset16": 16}[self.zero_point]
+        zp = {"none": 0, "uint8": self.bits}[self.zero_point]
         return self.bits + (32 + zp) / self.block_size  # fp32 scales: MatMulNBits wants A's type
 
 
@@ -44,7 +48,6 @@ class QuantizedWeight:
     packed: NDArray[np.uint8]  # (N, n_blocks, block_size * bits / 8), MatMulNBits' B
     scales: Floats  # (N, n_blocks)
     zero_points: NDArray[np.uint8] | None  # (N, ceil(n_blocks * bits / 8)) packed uint8
-    offsets: NDArray[np.float16] | None = None  # (N, n_blocks) r, with the implicit zero point
 
 
 CODECS = {
@@ -53,7 +56,7 @@ CODECS = {
         BlockCodec(f"int{bits}_b{bs}_{zp}", bits, bs, zp)
         for bits in (4, 8)
         for bs in (32, 64, 128)
-        for zp in ("none", "uint8", "offset16")
+        for zp in ("none", "uint8")
     )
 }
 
@@ -119,30 +122,44 @@ def _asymmetric_uint8(x: Floats, bits: int) -> tuple[Floats, NDArray, NDArray]:
     return best_s, best_z.astype(np.uint8), best_q.astype(np.uint8)
 
 
-def quantize(w: Floats, codec: BlockCodec) -> QuantizedWeight:
+def _grid(codec: BlockCodec) -> GridSearch:
+    """The codec's round-to-nearest search for one block of every row: (N, bs) -> (scale, zero)."""
+    if codec.zero_point == "none":
+
+        def symmetric(x: Floats) -> tuple[Floats, Floats]:
+            scale, _ = _symmetric(x[:, None, :], codec.bits)
+            return scale[:, 0], np.full(len(x), 1 << (codec.bits - 1), np.float32)
+
+        return symmetric
+    if codec.zero_point == "uint8":
+
+        def asymmetric(x: Floats) -> tuple[Floats, Floats]:
+            scale, zero, _ = _asymmetric_uint8(x[:, None, :], codec.bits)
+            return scale[:, 0], zero[:, 0].astype(np.float32)
+
+        return asymmetric
+    raise AssertionError(f"{codec.name}: GPTQ needs an integer grid")
+
+
+def quantize(w: Floats, codec: BlockCodec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest with the codec's scale search, or GPTQ against `hessian` (K, K)."""
+    if hessian is not None:
+        r = gptq(np.asarray(w, np.float32), hessian, codec.bits, codec.block_size, _grid(codec))
+        n, nb = r.scales.shape
+        levels = r.levels.reshape(n, nb, codec.block_size)
+        zp = None if codec.zero_point == "none" else _pack(r.zeros, codec.bits)
+        return QuantizedWeight(codec, w.shape, _pack(levels, codec.bits), r.scales, zp)
     x = _blocks(np.asarray(w, np.float32), codec.block_size)
-    nmax = (1 << codec.bits) - 1
     zero_points: NDArray | None
-    offsets = None
     if codec.zero_point == "none":
         scales, levels = _symmetric(x, codec.bits)
         zero_points = None
-    elif codec.zero_point == "uint8":
+    else:
         scales, zp, levels = _asymmetric_uint8(x, codec.bits)
         zero_points = _pack(zp, codec.bits)
-    else:
-        # min/max: exact when a block already lies on a scale+min grid (llama.cpp Q4_1), then
-        # s*q + lo = s*(q - 2**(b-1)) + r with r = lo + 2**(b-1)*s, stored fp16 (r is centred, so
-        # its rounding is at most ~2**-11 of |lo + 8s|, below the old fp16 zero point's |lo|).
-        lo, hi = x.min(-1), x.max(-1)
-        scales = ((hi - lo) / nmax).astype(np.float32)
-        safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-        levels = np.clip(np.rint((x - lo[..., None]) / safe[..., None]), 0, nmax)
-        offsets = (lo + (1 << (codec.bits - 1)) * scales).astype(np.float16)
-        zero_points = None
     packed = _pack(levels, codec.bits)
     return QuantizedWeight(
-        codec, (w.shape[0], w.shape[1]), packed, scales.astype(np.float32), zero_points, offsets
+        codec, (w.shape[0], w.shape[1]), packed, scales.astype(np.float32), zero_points
     )
 
 
@@ -156,14 +173,13 @@ def dequantize(qw: QuantizedWeight) -> Floats:
     else:
         zp = _unpack(qw.zero_points, c.bits, nb).astype(np.float32)
     w = (levels - zp[..., None]) * qw.scales[..., None]
-    if qw.offsets is not None:
-        w = w + qw.offsets.astype(np.float32)[..., None]
     return w.reshape(n, -1)[:, :k].astype(np.float32)
 
 
 # Recipes: ordered first-match rules. Roles: "embedding" (the tied embedding + lm_head, one packed
 # buffer read by GatherBlockQuantized and MatMulNBits, or the untied embedding), "lm_head" (untied),
-# "linear" (every projection in the blocks). A role mapped to None stays float.
+# "qkv" (the q/k/v projections, else as "linear"), "linear" (the other projections). A role mapped
+# to None stays float.
 @dataclass(frozen=True)
 class Rule:
     role: str
@@ -176,11 +192,14 @@ class Recipe:
     float_dtype: str  # "float32" | "float16": storage and compute of unquantized tensors
     rules: tuple[Rule, ...] = ()
     accuracy_level: int = 0  # MatMulNBits: 0 = fp32 activations, 4 = int8 activations
+    gptq: bool = False  # quantize every tensor with GPTQ on calibration text (quantizers/gptq.py)
 
     def codec_for(self, role: str) -> BlockCodec | None:
-        for rule in self.rules:
-            if rule.role == role:
-                return CODECS[rule.codec] if rule.codec else None
+        """The first rule for `role`; "qkv" falls back to "linear" when no rule names it."""
+        for want in (role, "linear") if role == "qkv" else (role,):
+            for rule in self.rules:
+                if rule.role == want:
+                    return CODECS[rule.codec] if rule.codec else None
         return None
 
 
@@ -203,17 +222,22 @@ RECIPES = {
         "int4",
         "float32",
         (
-            # The tied table at 4 bits is what fits 100 MB for SmolLM2-135M (8-bit: 114 MB); it
-            # costs most of the KLD (measured 0.084 vs 0.0004 with an 8-bit table).
-            Rule("embedding", "int4_b32_uint8"),
-            Rule("lm_head", "int4_b32_uint8"),
-            # float offsets hold llama.cpp Q4_1's scale+min grid exactly; integer zero points
-            # cannot (measured mean KLD 0.20 with our searched uint8 zero points vs 0.0004).
-            Rule("linear", "int4_b32_offset16"),
+            # Symmetric blocks of 32 (MatMulNBits' fastest kernels, no zero points), GPTQ'd on
+            # calibration text. Measured weight-level on SmolLM2-135M (mean KLD, 2 windows):
+            # GPTQ takes the 4-bit tied table from 0.084 (round-to-nearest) to 0.013. q/k/v carry
+            # most of the remaining error: all projections 4-bit 0.148, 8-bit q/k/v 0.054 (+3 MB),
+            # 4-bit q/k/v in blocks of 16 0.118; integer zero points instead of symmetric 0.055,
+            # and slower. Blocks of 64 measured 0.0955 in onnxruntime (8 windows: int8
+            # activations are quantized per block too) and decoded no faster.
+            Rule("embedding", "int4_b32_none"),
+            Rule("lm_head", "int4_b32_none"),
+            Rule("qkv", "int8_b32_none"),
+            Rule("linear", "int4_b32_none"),
         ),
         # int8 activations in MatMulNBits (as the onnxruntime-genai builder's CPU int4): measured
         # decode 28.5 vs 12.8 tok/s at level 0, mean KLD 0.0863 vs 0.0832 (SmolLM2-135M, 2 threads).
         accuracy_level=4,
+        gptq=True,
     ),
 }
 
@@ -224,10 +248,33 @@ def role_of(name: str) -> str:
         return "embedding"
     if name == "lm_head.weight":
         return "lm_head"
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return "qkv"
     return "linear" if name.endswith("proj.weight") else "norm"
 
 
-def stored_weight(recipe: Recipe, name: str, w: Floats) -> Floats:
-    """The float32 weight the exported graph really multiplies by (quantized, then dequantized)."""
-    codec = recipe.codec_for(role_of(name))
-    return w if codec is None else dequantize(quantize(w, codec))
+def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    """A weight quantized as stacked rows -> its parts' weights (quantization is per row)."""
+    out, start = [], 0
+    for n in rows:
+        sl = slice(start, start + n)
+        zp = None if qw.zero_points is None else qw.zero_points[sl]
+        out.append(QuantizedWeight(qw.codec, (n, qw.shape[1]), qw.packed[sl], qw.scales[sl], zp))
+        start += n
+    assert start == qw.shape[0], (rows, qw.shape)
+    return out
+
+
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """The inverse of split_rows: parts of one codec and K stacked along N."""
+    first = parts[0]
+    assert all(p.codec == first.codec and p.shape[1] == first.shape[1] for p in parts)
+
+    zps = [p.zero_points for p in parts]
+    return QuantizedWeight(
+        first.codec,
+        (sum(p.shape[0] for p in parts), first.shape[1]),
+        np.concatenate([p.packed for p in parts], axis=0),
+        np.concatenate([p.scales for p in parts], axis=0),
+        None if zps[0] is None else np.concatenate(zps, axis=0),
+    )

@@ -14,17 +14,10 @@ import pytest
 import torch
 
 from smolconvert.artifact import Artifact
-from smolconvert.exporters.onnx import TJS_DTYPES, TJS_FILES, export_onnx
-from smolconvert.exporters.onnx_quant import (
-    CODECS,
-    RECIPES,
-    dequantize,
-    quantize,
-    stored_weight,
-)
+from smolconvert.exporters.onnx import TJS_DTYPES, TJS_FILES, export_onnx, stored_weights
+from smolconvert.exporters.onnx_quant import CODECS, RECIPES, dequantize, quantize
 from smolconvert.model.reference import build_reference
 from smolconvert.model.source import load_model
-from smolconvert.model.weights import canonical_names
 from tests import tiny
 from tests.conftest import require, require_module
 
@@ -40,16 +33,12 @@ def _export(
     return export_onnx(load_model(folder), scheme, out, quiet=True, options=options)
 
 
-def _stored_reference(folder: Path, scheme: str) -> torch.nn.Module:
-    """The reference decoder on the weights the graph really holds (quantized, then dequantized)."""
-    model = load_model(folder)
-    recipe = RECIPES[scheme]
-    tensors = {
-        n: torch.from_numpy(stored_weight(recipe, n, model.weights.get(n).float().numpy()))
-        for n in canonical_names(model.spec)
-    }
-    dtype = torch.float16 if recipe.float_dtype == "float16" else torch.float32
-    return build_reference(model.spec, tensors=tensors, dtype=dtype)
+def _stored_reference(art: Artifact, source: Path) -> torch.nn.Module:
+    """The reference decoder on the weights the graph really holds, read back from its file."""
+    spec = load_model(source).spec
+    tensors = {n: torch.from_numpy(w) for n, w in stored_weights(art.path("model"), spec).items()}
+    dtype = torch.float16 if art.meta["scheme"] == "fp16" else torch.float32
+    return build_reference(spec, tensors=tensors, dtype=dtype)
 
 
 def _greedy(ref: torch.nn.Module, ids: list[int], n_new: int, eos: int) -> list[int]:
@@ -70,16 +59,17 @@ def test_onnxruntime_matches_reference_on_stored_weights(
     from smolconvert.exporters import onnx as onnx_exporter
     from smolconvert.validators.onnxruntime import open_onnxruntime_runner
 
-    want = _stored_reference(tiny_folder, scheme).logits(IDS).float().numpy()
     recipe = RECIPES[scheme]
     if recipe.accuracy_level:  # int8 activations: the shipped graph is close, not exact ...
         shipped = _export(tiny_folder, scheme, tmp_path / "shipped", graph=graph)
+        want = _stored_reference(shipped, tiny_folder).logits(IDS).float().numpy()
         approx = open_onnxruntime_runner(str(shipped.path("model")), threads=2).logits(IDS)
         assert np.abs(approx - want).max() < 0.05 * np.abs(want).max()
         # ... so the stored weights and the graph's math are checked exactly with fp32 activations
         exact = dataclasses.replace(recipe, accuracy_level=0)
         monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
     art = _export(tiny_folder, scheme, tmp_path / "art", graph=graph)
+    want = _stored_reference(art, tiny_folder).logits(IDS).float().numpy()
     runner = open_onnxruntime_runner(str(art.path("model")), threads=2)
     got = runner.logits(IDS)
     tol = 2e-2 if scheme == "fp16" else 1e-4
@@ -126,7 +116,7 @@ def test_codec_matches_onnxruntime_matmulnbits_and_gatherblockquantized(name: st
     deq = dequantize(qw)
     rel = np.sqrt(((deq - w) ** 2).mean() / (w**2).mean())
     assert rel < (0.12 if codec.bits == 4 else 0.008), rel
-    # the graph's linear (MatMulNBits, plus block sums @ offsets for an offset codec)
+    # the graph's linear (MatMulNBits)
     g = Graph(TensorProto.FLOAT)
     inputs = add_quantized(g, "w", qw)
     g.op("Identity", [linear(g, "A", Linear(inputs, n, k, codec), "/linear", 0)], "Y")
@@ -141,17 +131,10 @@ def test_codec_matches_onnxruntime_matmulnbits_and_gatherblockquantized(name: st
     else:
         zp = np.full((n, nb), 1 << (codec.bits - 1), np.float32)
     from_file = (levels.reshape(n, nb, -1) - zp[..., None]) * stored["w.scales"][..., None]
-    if codec.zero_point == "offset16":
-        assert stored["w.block_offsets"].dtype == np.float16
-        assert stored["w.block_offsets"].shape == (nb, n)
-        assert not any(node.op_type == "MatMulNBits" and len(node.input) > 3 for node in g.nodes)
-        from_file = from_file + stored["w.block_offsets"].T.astype(np.float32)[..., None]
-    else:
-        assert "w.block_offsets" not in stored
     assert np.array_equal(from_file.reshape(n, -1)[:, :k], deq)
     nodes, inits = list(g.nodes), list(g.initializers)
     outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
-    if codec.zero_point != "offset16" and k % codec.block_size == 0:
+    if k % codec.block_size == 0:
         rows = numpy_helper.from_array(qw.packed.reshape(n, -1), "R")
         inits.append(rows)
         nodes.append(
@@ -192,18 +175,6 @@ def test_codec_matches_onnxruntime_matmulnbits_and_gatherblockquantized(name: st
         assert np.abs(outs[1] - deq[idx]).max() < 1e-6
 
 
-def test_float_offsets_hold_a_q4_1_grid() -> None:
-    rng = np.random.default_rng(1)
-    d = rng.uniform(0.001, 0.01, (64, 4, 1)).astype(np.float16).astype(np.float32)
-    m = -rng.uniform(0.0, 0.1, (64, 4, 1)).astype(np.float16).astype(np.float32)
-    q = rng.integers(0, 16, (64, 4, 32)).astype(np.float32)
-    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's Q4_1 maps each block's min and max to 0 and 15
-    w = (q * d + m).reshape(64, 128)
-    deq = dequantize(quantize(w, CODECS["int4_b32_offset16"]))
-    assert np.abs(deq - w).max() < 0.01 * d.max()  # fp16 offsets: within 1% of a step
-    assert np.abs(dequantize(quantize(w, CODECS["int4_b32_none"])) - w).max() > 1e-4
-
-
 @pytest.mark.parametrize("graph", ["fused", "plain"])
 def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph: str) -> None:
     import onnx
@@ -226,7 +197,7 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
         inits = [i.name for i in proto.graph.initializer]
         embed = [n for n in inits if n.startswith("model.embed_tokens")]
         assert not any("lm_head" in n for n in inits)
-        assert len(embed) == (1 if scheme == "fp32" else 3)  # table, or qweight+scales+zp
+        assert len(embed) == (1 if scheme == "fp32" else 2)  # table, or qweight+scales
         ops = [n.op_type for n in proto.graph.node]
         inputs = [i.name for i in proto.graph.input]
         genai = json.loads((art.folder / "genai_config.json").read_text())
@@ -247,11 +218,15 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
             assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
             assert genai["search"]["past_present_share_buffer"] is False
             projections = 7
-        if scheme == "int4":  # symmetric kernels; block sums shared by q/k/v and by gate/up
-            assert all(len(n.input) <= 3 for n in proto.graph.node if "proj" in n.name)
-            assert ops.count("MatMulNBits") == projections * n_layers + 1
-            block_sums = [n for n in proto.graph.node if "block_sums" in n.name]
-            assert len(block_sums) == 4 * n_layers
+        if scheme == "int4":  # symmetric: 8-bit q/k/v, 4-bit other projections and tied head
+            kernels = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+            assert len(kernels) == projections * n_layers + 1
+            for n in kernels:
+                bits = next(a.i for a in n.attribute if a.name == "bits")
+                qkv = any(p in n.name for p in ("qkv_proj", "q_proj", "k_proj", "v_proj"))
+                assert bits == (8 if qkv else 4), n.name
+                assert len(n.input) == 3, n.name  # no zero points
+            assert art.meta["calibration"]["method"] == "gptq"
         assert proto.graph.output[0].name == "logits"
         again = _export(folder, scheme, tmp_path / f"again-{scheme}", graph=graph)
         assert again.meta["files"] == art.meta["files"]  # byte-identical, sha256 per file
@@ -288,7 +263,7 @@ def test_transformers_js_in_node_continues_like_the_reference(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])["tokens"]
-    want = _greedy(_stored_reference(folder, scheme), prompt, 12, eos=2)
+    want = _greedy(_stored_reference(art, folder), prompt, 12, eos=2)
     assert got == want
 
 
@@ -317,7 +292,7 @@ def test_onnxruntime_genai_runs_the_genai_layout_like_the_reference(
     gen = og.Generator(model, params)
     gen.append_tokens(prompt)
     first = np.array(gen.get_output("logits"))[0]  # per-position logits of the prompt
-    ref = _stored_reference(folder, scheme)
+    ref = _stored_reference(art, folder)
     tol = 2e-2 if scheme == "fp16" else 1e-4
     assert np.abs(first - ref.logits(prompt).float().numpy()).max() < tol
     tokens = []

@@ -1,0 +1,178 @@
+"""GPTQ: blockwise weight quantization that corrects each column's rounding error on the columns
+not yet quantized, weighted by the layer's input Hessian H = E[x x^T] (Frantar et al. 2022,
+"GPTQ", Algorithm 1: Cholesky of H^-1, lazy updates over 128 columns, one grid per weight block).
+
+The grid of each block (scale and zero point) is chosen by the codec's own round-to-nearest search
+on the block's error-corrected weights when the sweep reaches it, so the result packs exactly like
+the codec's plain output. `sequential_gptq` runs the reference decoder over calibration text layer
+by layer, quantizing each projection on the inputs the already quantized layers produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from smolconvert import progress
+from smolconvert.errors import ConfigError
+
+# (N, block_size) float32 weights -> (scale (N,), zero point (N,)) of the dequantization
+# w = scale * (level - zero), levels in [0, 2**bits).
+DAMP = 0.01  # of H's mean diagonal, added to its diagonal (the GPTQ paper's default)
+GridSearch = Callable[[NDArray[np.float32]], tuple[NDArray[np.float32], NDArray[np.float32]]]
+
+
+@dataclass(frozen=True)
+class GptqResult:
+    levels: NDArray[np.uint8]  # (N, K padded to whole blocks)
+    scales: NDArray[np.float32]  # (N, n_blocks)
+    zeros: NDArray[np.float32]  # (N, n_blocks)
+
+
+def gptq(
+    w: NDArray[np.float32],
+    hessian: torch.Tensor,
+    bits: int,
+    block_size: int,
+    grid: GridSearch,
+    damp: float = DAMP,
+    lazy: int = 128,
+) -> GptqResult:
+    """Quantize w (N, K) against H (K, K); K is zero-padded to whole blocks, as the codec pads."""
+    n, k = w.shape
+    nb = -(-k // block_size)
+    kp = nb * block_size
+    W = torch.zeros((n, kp), dtype=torch.float32)
+    W[:, :k] = torch.from_numpy(np.asarray(w, np.float32))
+    H = torch.zeros((kp, kp), dtype=torch.float64)
+    H[:k, :k] = hessian.double()
+    dead = torch.diagonal(H) == 0  # inputs never seen (or padding): their weights do not matter
+    H[dead, dead] = 1.0
+    H += damp * torch.diagonal(H).mean() * torch.eye(kp, dtype=torch.float64)
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:  # numerically singular: more damping, as GPTQ's authors do
+        H += 0.1 * torch.diagonal(H).mean() * torch.eye(kp, dtype=torch.float64)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = U.float()
+    nmax = (1 << bits) - 1
+    levels = torch.zeros((n, kp), dtype=torch.uint8)
+    scales = np.zeros((n, nb), np.float32)
+    zeros = np.zeros((n, nb), np.float32)
+    step = max(block_size, lazy // block_size * block_size)  # lazy batches hold whole blocks
+    for i1 in range(0, kp, step):
+        i2 = min(i1 + step, kp)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block_size == 0:
+                s, z = grid(W1[:, i : i + block_size].numpy())
+                scales[:, col // block_size], zeros[:, col // block_size] = s, z
+                s_t = torch.from_numpy(np.where(s == 0, 1.0, s).astype(np.float32))
+                z_t = torch.from_numpy(z.astype(np.float32))
+                live = torch.from_numpy(s != 0)
+            q = torch.clamp(torch.round(W1[:, i] / s_t) + z_t, 0, nmax)
+            q = torch.where(live, q, z_t)
+            levels[:, col] = q.to(torch.uint8)
+            err = (W1[:, i] - torch.where(live, (q - z_t) * s_t, 0.0)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return GptqResult(levels.numpy(), scales, zeros)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) -> sum of x x^T over its rows, (K, K) float64."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x
+
+
+# Called with the canonical names of tensors that read one input (q/k/v, gate/up, or one
+# projection) and that input's Hessian; returns the dequantized weights to continue with.
+QuantizeGroup = Callable[[Sequence[str], torch.Tensor], dict[str, torch.Tensor]]
+
+
+@torch.inference_mode()
+def sequential_gptq(
+    model: Any,
+    text: str,
+    quantize_group: QuantizeGroup,
+    ctx: int = 512,
+    chunks: int = 16,
+    batch: int = 4,
+) -> int:
+    """Run `chunks` windows of `ctx` tokens of `text` through the reference decoder one layer at a
+    time: each projection's Hessian comes from the outputs of the layers already quantized, then
+    the tied embedding's (or lm_head's) from the final norm. Returns the calibration token count."""
+    from smolconvert.model.reference import MASK_VALUE, build_reference, rotate_half
+
+    spec = model.spec
+    ids = model.tokenizer.encode(text[: ctx * chunks * 8])
+    n = min(chunks, len(ids) // ctx)
+    if n == 0:
+        raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
+    dec = build_reference(spec, source=model.weights)
+    params = dict(dec.named_parameters(remove_duplicate=False))
+
+    def set_weights(new: dict[str, torch.Tensor]) -> None:
+        for name, t in new.items():
+            if name in params:
+                params[name].data.copy_(t.reshape(params[name].shape))
+
+    windows = torch.tensor(ids[: n * ctx]).reshape(n, ctx)
+    hs = [dec.model.embed_tokens(windows[i : i + batch]) for i in range(0, n, batch)]
+    pos = torch.arange(ctx)
+    freqs = pos[:, None].float() * dec.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[None, None]  # (1, 1, T, D)
+    cos, sin = emb.cos(), emb.sin()
+    mask = torch.where(pos[None, :] <= pos[:, None], 0.0, MASK_VALUE)[None, None]
+    tokens = n * ctx
+
+    def hessian(xs: list[torch.Tensor]) -> torch.Tensor:
+        return sum((gram(x) for x in xs), torch.zeros(1, dtype=torch.float64)) / tokens
+
+    with progress.bar(spec.n_layers + 1, "gptq layers") as bar:
+        for i, layer in enumerate(dec.model.layers):
+            p = f"model.layers.{i}"
+            att = layer.self_attn
+            xs = [layer.input_layernorm(h) for h in hs]
+            set_weights(
+                quantize_group([f"{p}.self_attn.{t}_proj.weight" for t in "qkv"], hessian(xs))
+            )
+            ctxs = []
+            for x in xs:
+                b, t, _ = x.shape
+                q = att.q_proj(x).view(b, t, att.n_heads, att.head_dim).transpose(1, 2)
+                k = att.k_proj(x).view(b, t, att.n_kv, att.head_dim).transpose(1, 2)
+                v = att.v_proj(x).view(b, t, att.n_kv, att.head_dim).transpose(1, 2)
+                if att.use_rope:
+                    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+                g = att.n_heads // att.n_kv
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+                s = torch.matmul(q, k.transpose(2, 3)) * att.head_dim**-0.5 + mask
+                out = torch.matmul(torch.softmax(s, dim=-1), v)  # (B, nh, T, D)
+                ctxs.append(out.transpose(1, 2).reshape(b, t, -1))
+            set_weights(quantize_group([f"{p}.self_attn.o_proj.weight"], hessian(ctxs)))
+            hs = [h + att.o_proj(c) for h, c in zip(hs, ctxs, strict=True)]
+            xs = [layer.post_attention_layernorm(h) for h in hs]
+            mlp = layer.mlp
+            set_weights(
+                quantize_group(
+                    [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], hessian(xs)
+                )
+            )
+            acts = [torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x) for x in xs]
+            set_weights(quantize_group([f"{p}.mlp.down_proj.weight"], hessian(acts)))
+            hs = [h + mlp.down_proj(a) for h, a in zip(hs, acts, strict=True)]
+            del xs, ctxs, acts
+            bar.update(1)
+        head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+        quantize_group([head], hessian([dec.model.norm(h) for h in hs]))
+        bar.update(1)
+    return tokens
