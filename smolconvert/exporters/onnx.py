@@ -299,18 +299,19 @@ def stored_weights(model_path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     import onnx
     from onnx import numpy_helper
 
-    from smolconvert.exporters.onnx_quant import QuantizedWeight
-
     proto = onnx.load(str(model_path))
     init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     alias = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Reshape"}
     kernels = {}  # qweight name -> (bits, block_size), from MatMulNBits / GatherBlockQuantized
     for node in proto.graph.node:
-        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
-            attrs = {a.name: a.i for a in node.attribute}
-            data = alias.get(node.input[0 if node.op_type == "GatherBlockQuantized" else 1])
-            data = node.input[1] if node.op_type == "MatMulNBits" else data
-            kernels[data] = (attrs["bits"], attrs["block_size"])
+        if node.op_type == "MatMulNBits":
+            data = node.input[1]
+        elif node.op_type == "GatherBlockQuantized":  # reads the buffer reshaped to rows
+            data = alias.get(node.input[0], node.input[0])
+        else:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        kernels[data] = (attrs["bits"], attrs["block_size"])
 
     def dequantized(prefix: str, shape: tuple[int, int]) -> np.ndarray:
         bits, block_size = kernels[f"{prefix}.qweight"]
