@@ -165,7 +165,7 @@ def int4_block32_sym(w: Floats) -> Encoded:
     return Encoded("blockwise_shift_scale", arrays, "int4_block32_sym", w.size * 9 // 16)
 
 
-def _kmeans_1d(x: Floats, k: int, iters: int = 16) -> tuple[Floats, np.ndarray]:
+def _kmeans_1d(x: Floats, k: int, iters: int = 16) -> Floats:
     """Lloyd's k-means on each row of x (G, n) at once; centroids start at quantiles, and the
     first and last stay pinned at the row's min and max.
 
@@ -190,11 +190,7 @@ def _kmeans_1d(x: Floats, k: int, iters: int = 16) -> tuple[Floats, np.ndarray]:
         counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(t))
         c = torch.where(counts > 0, sums / counts.clamp(min=1), c)
     c[:, 0], c[:, -1] = lo, hi
-    c = c.half().float()  # the table is stored in fp16: assign to what the program will hold
-    c, _ = torch.sort(c, dim=1)
-    mid = (c[:, 1:] + c[:, :-1]) / 2
-    idx = torch.searchsorted(mid.contiguous(), t)
-    return c.numpy(), idx.numpy()
+    return torch.sort(c, dim=1).values.numpy()  # (G, k) centroids
 
 
 def palettize(nbits: int, group: int = 16, row_scaled: bool = False) -> Callable[[Floats], Encoded]:
@@ -217,11 +213,11 @@ def palettize(nbits: int, group: int = 16, row_scaled: bool = False) -> Callable
         if row_scaled:
             amax = np.abs(w).max(axis=1, keepdims=True)
             amax[amax == 0] = 1
-            lut, _ = _kmeans_1d((w / amax).reshape(rows // g, g * cols), 2**nbits)
+            lut = _kmeans_1d((w / amax).reshape(rows // g, g * cols), 2**nbits)
             table = (np.repeat(lut, g, axis=0) * amax).astype(np.float16)  # (rows, K), sorted
             values = w
         else:
-            lut, _ = _kmeans_1d(w.reshape(rows // g, g * cols), 2**nbits)
+            lut = _kmeans_1d(w.reshape(rows // g, g * cols), 2**nbits)
             table = lut.astype(np.float16)  # (rows // g, K), sorted
             values = w.reshape(rows // g, g * cols)
         wide = table.astype(np.float32)

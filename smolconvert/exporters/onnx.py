@@ -170,11 +170,12 @@ def _gptq(
     text = default_calibration_text()
     done: dict[str, QuantizedWeight] = {}
 
-    def quantize_group(parts: Sequence[str], hessian: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_group(
+        parts: Sequence[str], ws: list[np.ndarray], hessian: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         codec = recipe.codec_for(role_of(parts[0]))
         if codec is None:
             return {}
-        ws = [model.weights.get(p).float().numpy() for p in parts]
         rows = [len(w) for w in ws]
         qw = quantize(np.concatenate(ws, axis=0), codec, hessian)
         done.update(zip(parts, split_rows(qw, rows), strict=True))

@@ -140,17 +140,7 @@ class ReferenceDecoder(nn.Module):
         past: Sequence[torch.Tensor],  # 2 * n_layers tensors (B, kv, P, D): k0, v0, k1, v1, ...
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         h = self.model.embed_tokens(input_ids)  # (B, T, d)
-        t = input_ids.shape[1]
-        s = past[0].shape[2] + t
-        freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        key_pos = torch.arange(s, device=input_ids.device)
-        query_pos = torch.arange(t, device=input_ids.device) + (s - t)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (
-            attention_mask[:, None, None, :] > 0
-        )  # (B, 1, T, S)
-        mask = torch.where(allowed, 0.0, MASK_VALUE).to(torch.float32)
+        cos, sin, mask = self.rope_and_mask(attention_mask, position_ids, h.dtype)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             a, k, v = layer.self_attn(
@@ -161,6 +151,22 @@ class ReferenceDecoder(nn.Module):
             presents += [k, v]
         logits = self.lm_head(self.model.norm(h)).float()  # (B, T, vocab)
         return logits, tuple(presents)
+
+    def rope_and_mask(
+        self, attention_mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos/sin (B, 1, T, D) in `dtype` and the causal + padding mask (B, 1, T, S), additive
+        fp32, for queries at the last T of the mask's S positions."""
+        t, s = position_ids.shape[1], attention_mask.shape[1]
+        freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        key_pos = torch.arange(s, device=position_ids.device)
+        query_pos = torch.arange(t, device=position_ids.device) + (s - t)
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (
+            attention_mask[:, None, None, :] > 0
+        )  # (B, 1, T, S)
+        mask = torch.where(allowed, 0.0, MASK_VALUE).to(torch.float32)
+        return emb.cos().to(dtype), emb.sin().to(dtype), mask
 
     def empty_past(self, batch: int = 1) -> list[torch.Tensor]:
         dtype = self.model.embed_tokens.weight.dtype

@@ -94,8 +94,11 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 # Called with the canonical names of tensors that read one input (q/k/v, gate/up, or one
-# projection) and that input's Hessian; returns the dequantized weights to continue with.
-QuantizeGroup = Callable[[Sequence[str], torch.Tensor], dict[str, torch.Tensor]]
+# projection), their float32 weights (N_i, K) and that input's Hessian; returns the dequantized
+# weights to continue with.
+QuantizeGroup = Callable[
+    [Sequence[str], list[NDArray[np.float32]], torch.Tensor], dict[str, torch.Tensor]
+]
 
 
 @torch.inference_mode()
@@ -110,7 +113,7 @@ def sequential_gptq(
     """Run `chunks` windows of `ctx` tokens of `text` through the reference decoder one layer at a
     time: each projection's Hessian comes from the outputs of the layers already quantized, then
     the tied embedding's (or lm_head's) from the final norm. Returns the calibration token count."""
-    from smolconvert.model.reference import MASK_VALUE, build_reference, rotate_half
+    from smolconvert.model.reference import build_reference
 
     spec = model.spec
     ids = model.tokenizer.encode(text[: ctx * chunks * 8])
@@ -119,60 +122,43 @@ def sequential_gptq(
         raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
     dec = build_reference(spec, source=model.weights)
     params = dict(dec.named_parameters(remove_duplicate=False))
+    tokens = n * ctx
 
-    def set_weights(new: dict[str, torch.Tensor]) -> None:
-        for name, t in new.items():
-            if name in params:
-                params[name].data.copy_(t.reshape(params[name].shape))
+    def quantize(names: list[str], xs: list[torch.Tensor]) -> None:
+        """Quantize `names` on the Hessian of their inputs xs; the decoder continues with them."""
+        hessian = sum((gram(x) for x in xs), torch.zeros(1, dtype=torch.float64)) / tokens
+        weights = [params[name].detach().numpy() for name in names]
+        for name, t in quantize_group(names, weights, hessian).items():
+            params[name].data.copy_(t.reshape(params[name].shape))
 
     windows = torch.tensor(ids[: n * ctx]).reshape(n, ctx)
     hs = [dec.model.embed_tokens(windows[i : i + batch]) for i in range(0, n, batch)]
-    pos = torch.arange(ctx)
-    freqs = pos[:, None].float() * dec.inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[None, None]  # (1, 1, T, D)
-    cos, sin = emb.cos(), emb.sin()
-    mask = torch.where(pos[None, :] <= pos[:, None], 0.0, MASK_VALUE)[None, None]
-    tokens = n * ctx
-
-    def hessian(xs: list[torch.Tensor]) -> torch.Tensor:
-        return sum((gram(x) for x in xs), torch.zeros(1, dtype=torch.float64)) / tokens
-
+    cos, sin, mask = dec.rope_and_mask(  # one window's; broadcast over the batch
+        torch.ones((1, ctx), dtype=torch.long), torch.arange(ctx)[None], torch.float32
+    )
     with progress.bar(spec.n_layers + 1, "gptq layers") as bar:
         for i, layer in enumerate(dec.model.layers):
-            p = f"model.layers.{i}"
-            att = layer.self_attn
+            p, att, mlp = f"model.layers.{i}", layer.self_attn, layer.mlp
             xs = [layer.input_layernorm(h) for h in hs]
-            set_weights(
-                quantize_group([f"{p}.self_attn.{t}_proj.weight" for t in "qkv"], hessian(xs))
-            )
-            ctxs = []
-            for x in xs:
-                b, t, _ = x.shape
-                q = att.q_proj(x).view(b, t, att.n_heads, att.head_dim).transpose(1, 2)
-                k = att.k_proj(x).view(b, t, att.n_kv, att.head_dim).transpose(1, 2)
-                v = att.v_proj(x).view(b, t, att.n_kv, att.head_dim).transpose(1, 2)
-                if att.use_rope:
-                    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-                g = att.n_heads // att.n_kv
-                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-                s = torch.matmul(q, k.transpose(2, 3)) * att.head_dim**-0.5 + mask
-                out = torch.matmul(torch.softmax(s, dim=-1), v)  # (B, nh, T, D)
-                ctxs.append(out.transpose(1, 2).reshape(b, t, -1))
-            set_weights(quantize_group([f"{p}.self_attn.o_proj.weight"], hessian(ctxs)))
-            hs = [h + att.o_proj(c) for h, c in zip(hs, ctxs, strict=True)]
+            quantize([f"{p}.self_attn.{t}_proj.weight" for t in "qkv"], xs)
+            contexts: list[torch.Tensor] = []  # o_proj's inputs, caught on the way in
+            hook = att.o_proj.register_forward_pre_hook(lambda _, a, out=contexts: out.append(a[0]))
+            try:
+                for x in xs:
+                    empty = dec.empty_past(len(x))[0]
+                    att(x, cos, sin, mask, empty, empty)
+            finally:
+                hook.remove()
+            quantize([f"{p}.self_attn.o_proj.weight"], contexts)
+            hs = [h + att.o_proj(c) for h, c in zip(hs, contexts, strict=True)]
             xs = [layer.post_attention_layernorm(h) for h in hs]
-            mlp = layer.mlp
-            set_weights(
-                quantize_group(
-                    [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], hessian(xs)
-                )
-            )
+            quantize([f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"], xs)
             acts = [torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x) for x in xs]
-            set_weights(quantize_group([f"{p}.mlp.down_proj.weight"], hessian(acts)))
+            quantize([f"{p}.mlp.down_proj.weight"], acts)
             hs = [h + mlp.down_proj(a) for h, a in zip(hs, acts, strict=True)]
-            del xs, ctxs, acts
+            del xs, contexts, acts
             bar.update(1)
         head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        quantize_group([head], hessian([dec.model.norm(h) for h in hs]))
+        quantize([head], [dec.model.norm(h) for h in hs])
         bar.update(1)
     return tokens
