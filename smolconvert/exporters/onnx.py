@@ -24,9 +24,9 @@ from smolconvert.exporters.onnx_quant import (
     RECIPES,
     QuantizedWeight,
     Recipe,
+    codec_runs,
     dequantize,
     quantize,
-    role_of,
     split_rows,
 )
 from smolconvert.model.imatrix import Imatrix
@@ -173,18 +173,25 @@ def _gptq(
     def quantize_group(
         parts: Sequence[str], ws: list[np.ndarray], hessian: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        codec = recipe.codec_for(role_of(parts[0]))
-        if codec is None:
-            return {}
-        rows = [len(w) for w in ws]
-        qw = quantize(np.concatenate(ws, axis=0), codec, hessian)
-        done.update(zip(parts, split_rows(qw, rows), strict=True))
-        deq = np.split(dequantize(qw), np.cumsum(rows)[:-1])
-        return {p: torch.from_numpy(d) for p, d in zip(parts, deq, strict=True)}
+        """Parts that read one input, on its Hessian; GPTQ is per row, so each run of one codec
+        is quantized as one stacked weight."""
+        weights = dict(zip(parts, ws, strict=True))
+        out: dict[str, torch.Tensor] = {}
+        for codec, run in codec_runs(recipe, list(parts)):
+            if codec is None:
+                continue
+            rows = [len(weights[p]) for p in run]
+            qw = quantize(np.concatenate([weights[p] for p in run], axis=0), codec, hessian)
+            done.update(zip(run, split_rows(qw, rows), strict=True))
+            deq = np.split(dequantize(qw), np.cumsum(rows)[:-1])
+            out.update({p: torch.from_numpy(d) for p, d in zip(run, deq, strict=True)})
+        return out
 
     tokens = sequential_gptq(model, text.text, quantize_group)
     meta = {
         "method": "gptq",
+        "order": "act (descending Hessian diagonal), static block grids",
+        "scales": "least-squares refit on the Hessian after the levels",
         "damp": DAMP,
         "text_name": text.name,
         "text_sha256": text.sha256,
@@ -294,6 +301,10 @@ def genai_config(spec: ModelSpec, filename: str, fused: bool) -> dict[str, Any]:
     }
 
 
+def _stored(name: str, init: dict[str, np.ndarray]) -> bool:
+    return name in init or f"{name}.qweight" in init
+
+
 def stored_weights(model_path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     """The canonical float32 weights a graph written by export_onnx holds, read back from the file
     and dequantized (packed q/k/v and gate/up split again): what onnxruntime multiplies by."""
@@ -324,6 +335,7 @@ def stored_weights(model_path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     # packed projections of the fused graph: canonical parts stacked along N, in this order
     packs = {
         "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "self_attn.qk_proj": ("q_proj", "k_proj"),  # when v has its own codec
         "mlp.gate_up_proj": ("gate_proj", "up_proj"),
     }
     out: dict[str, np.ndarray] = {}
@@ -335,7 +347,11 @@ def stored_weights(model_path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
             out[name] = dequantized(name, expected_shape(spec, name))  # type: ignore[arg-type]
         elif name not in out:  # a part of a packed projection
             layer, kind = name.split(".")[2], name.split(".")[-2]
-            pack, kinds = next((p, k) for p, k in packs.items() if kind in k)
+            pack, kinds = next(
+                (p, k)
+                for p, k in packs.items()
+                if kind in k and _stored(f"model.layers.{layer}.{p}", init)
+            )
             parts = [f"model.layers.{layer}.{pack.split('.')[0]}.{k}.weight" for k in kinds]
             rows = [expected_shape(spec, p)[0] for p in parts]
             shape = (sum(rows), expected_shape(spec, name)[1])

@@ -1,9 +1,10 @@
 """The decoder layers with onnxruntime's fused contrib ops (the "fused" graph, the default).
 
 Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm in one kernel), one projection
-for q/k/v packed along N, GroupQueryAttention (RoPE from cos/sin tables, the KV cache append, GQA
-and softmax in one kernel), one projection for gate/up, and the down projection. That is the shape
-of the onnxruntime-genai builder's CPU graph; the plain graph (onnx_graph.py) needs ~3x the nodes,
+for q/k/v packed along N (two, concatenated, when v keeps more bits than q and k),
+GroupQueryAttention (RoPE from cos/sin tables, the KV cache append, GQA and softmax in one
+kernel), one projection for gate/up, and the down projection. That is the shape of the
+onnxruntime-genai builder's CPU graph; the plain graph (onnx_graph.py) needs ~3x the nodes,
 and at decode time node overhead is most of the work (measured in
 benchmarks/onnx_vs_genai_builder.py).
 
@@ -27,7 +28,7 @@ from smolconvert.exporters.onnx_graph import (
     add_linear,
     linear,
 )
-from smolconvert.exporters.onnx_quant import Recipe, role_of
+from smolconvert.exporters.onnx_quant import Recipe, codec_runs
 from smolconvert.model.spec import ModelSpec
 
 
@@ -75,11 +76,32 @@ def gqa_inputs(g: Graph, spec: ModelSpec) -> GqaInputs:
     return GqaInputs(seqlens, total, cos, sin)
 
 
-def _packed(g: Graph, name: str, fetch: Fetch, parts: list[str], recipe: Recipe) -> Linear:
-    """One projection for several weights that read the same input, stacked along N (rows).
-    Quantization is per row block, so this stores exactly what separate projections would."""
-    w = np.concatenate([fetch(p) for p in parts], axis=0)
-    return add_linear(g, name, w, recipe.codec_for(role_of(parts[0])), parts)
+def _packed(
+    g: Graph, name: str, fetch: Fetch, parts: list[str], recipe: Recipe
+) -> list[tuple[str, Linear]]:
+    """Projections for several weights that read the same input: one per run of parts with one
+    codec, stacked along N (rows), as (node name, Linear). Quantization is per row block, so this
+    stores exactly what separate projections would. One run is stored as `name` (e.g.
+    `...self_attn.qkv_proj`); several by their parts (`...self_attn.qk_proj` and
+    `...self_attn.v_proj.weight` when v is kept at more bits than q and k)."""
+    runs = codec_runs(recipe, parts)
+    out = []
+    for codec, run in runs:
+        w = np.concatenate([fetch(p) for p in run], axis=0)
+        kinds = [p.split(".")[-2].removesuffix("_proj") for p in run]  # "q", "gate", ...
+        short = ("".join(kinds) if all(len(k) == 1 for k in kinds) else "_".join(kinds)) + "_proj"
+        if len(runs) == 1:
+            stored = name
+        else:
+            stored = run[0] if len(run) == 1 else f"{run[0].rsplit('.', 2)[0]}.{short}"
+        out.append((short, add_linear(g, stored, w, codec, run)))
+    return out
+
+
+def _projected(g: Graph, x: str, runs: list[tuple[str, Linear]], prefix: str, acc: int) -> str:
+    """The runs of one packed projection applied to x, concatenated along the last axis."""
+    outs = [linear(g, x, lin, f"{prefix}/{short}", acc) for short, lin in runs]
+    return outs[0] if len(outs) == 1 else g.op("Concat", outs, f"{prefix}/packed", axis=-1)
 
 
 def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed: str) -> str:
@@ -103,7 +125,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
     residual = embed
     for i in range(spec.n_layers):
         p, q = f"model.layers.{i}", f"/model/layers.{i}"
-        qkv_w = _packed(
+        qkv_runs = _packed(
             g,
             f"{p}.self_attn.qkv_proj",
             fetch,
@@ -117,7 +139,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             recipe.codec_for("linear"),
         )
         post = norm_weight(f"{p}.post_attention_layernorm.weight")
-        gate_up_w = _packed(
+        gate_up_runs = _packed(
             g,
             f"{p}.mlp.gate_up_proj",
             fetch,
@@ -130,7 +152,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             fetch(f"{p}.mlp.down_proj.weight"),
             recipe.codec_for("linear"),
         )
-        qkv = linear(g, x, qkv_w, f"{q}/self_attn/qkv_proj", acc)
+        qkv = _projected(g, x, qkv_runs, f"{q}/self_attn", acc)
         rotary = spec.rope_layers[i]
         context = f"{q}/self_attn/gqa"
         g.op(
@@ -164,7 +186,7 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
             domain=MS_DOMAIN,
             epsilon=spec.rms_norm_eps,
         )[::3]
-        gate_up = linear(g, x, gate_up_w, f"{q}/mlp/gate_up_proj", acc)
+        gate_up = _projected(g, x, gate_up_runs, f"{q}/mlp", acc)
         gate, up = g.op("Split", [gate_up], f"{q}/mlp/split", n_out=2, axis=-1, num_outputs=2)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{q}/mlp/sigmoid")], f"{q}/mlp/silu")
         mlp = linear(

@@ -402,6 +402,12 @@ def embedding_and_head(
             gather_axis=0,
             quantize_axis=1,
         )
+        if d % codec.block_size:  # rows are dequantized whole, the zero padding included
+            embed = g.op(
+                "Slice",
+                [embed, g.const([0]), g.const([d]), g.const([-1])],
+                "/model/embed_tokens/unpad",
+            )
         tied_head = Linear(qnames, v, d, codec)
     del table
     if spec.tie_word_embeddings:

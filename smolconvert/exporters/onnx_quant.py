@@ -178,8 +178,8 @@ def dequantize(qw: QuantizedWeight) -> Floats:
 
 # Recipes: ordered first-match rules. Roles: "embedding" (the tied embedding + lm_head, one packed
 # buffer read by GatherBlockQuantized and MatMulNBits, or the untied embedding), "lm_head" (untied),
-# "qkv" (the q/k/v projections, else as "linear"), "linear" (the other projections). A role mapped
-# to None stays float.
+# "qk" (the q and k projections) and "v" (the v projection), both else as "linear", and "linear"
+# (every other projection). A role mapped to None stays float.
 @dataclass(frozen=True)
 class Rule:
     role: str
@@ -195,8 +195,8 @@ class Recipe:
     gptq: bool = False  # quantize every tensor with GPTQ on calibration text (quantizers/gptq.py)
 
     def codec_for(self, role: str) -> BlockCodec | None:
-        """The first rule for `role`; "qkv" falls back to "linear" when no rule names it."""
-        for want in (role, "linear") if role == "qkv" else (role,):
+        """The first rule for `role`; "qk" and "v" fall back to "linear" when no rule names them."""
+        for want in (role, "linear") if role in ("qk", "v") else (role,):
             for rule in self.rules:
                 if rule.role == want:
                     return CODECS[rule.codec] if rule.codec else None
@@ -223,15 +223,16 @@ RECIPES = {
         "float32",
         (
             # Symmetric blocks of 32 (MatMulNBits' fastest kernels, no zero points), GPTQ'd on
-            # calibration text. Measured weight-level on SmolLM2-135M (mean KLD, 2 windows):
-            # GPTQ takes the 4-bit tied table from 0.084 (round-to-nearest) to 0.013. q/k/v carry
-            # most of the remaining error: all projections 4-bit 0.148, 8-bit q/k/v 0.054 (+3 MB),
-            # 4-bit q/k/v in blocks of 16 0.118; integer zero points instead of symmetric 0.055,
-            # and slower. Blocks of 64 measured 0.0955 in onnxruntime (8 windows: int8
-            # activations are quantized per block too) and decoded no faster.
+            # calibration text (act order, scales refit). Measured on SmolLM2-135M in onnxruntime
+            # (mean KLD, 4 windows): every projection 4-bit 0.0905 at 84.3 MB; v kept 8-bit
+            # 0.0622 at 86.0 MB (v carries most of q/k/v's error; q and k share one MatMulNBits,
+            # v has its own, concatenated for GroupQueryAttention); blocks of 64 0.086 at 77.6 MB
+            # and decoded no faster (int8 activations are quantized per block too); the tied
+            # table in blocks of 128 0.0795. Earlier, weight-level: GPTQ took the 4-bit tied table
+            # from 0.084 (round-to-nearest) to 0.013; integer zero points were no better, slower.
             Rule("embedding", "int4_b32_none"),
             Rule("lm_head", "int4_b32_none"),
-            Rule("qkv", "int8_b32_none"),
+            Rule("v", "int8_b32_none"),
             Rule("linear", "int4_b32_none"),
         ),
         # int8 activations in MatMulNBits (as the onnxruntime-genai builder's CPU int4): measured
@@ -248,9 +249,24 @@ def role_of(name: str) -> str:
         return "embedding"
     if name == "lm_head.weight":
         return "lm_head"
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        return "qkv"
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+        return "qk"
+    if name.endswith("v_proj.weight"):
+        return "v"
     return "linear" if name.endswith("proj.weight") else "norm"
+
+
+def codec_runs(recipe: Recipe, parts: list[str]) -> list[tuple[BlockCodec | None, list[str]]]:
+    """Weights that read one input, in order, cut into runs of one codec: each run is one
+    projection stacked along N (q/k/v as one when they share a codec)."""
+    runs: list[tuple[BlockCodec | None, list[str]]] = []
+    for part in parts:
+        codec = recipe.codec_for(role_of(part))
+        if runs and runs[-1][0] == codec:
+            runs[-1][1].append(part)
+        else:
+            runs.append((codec, [part]))
+    return runs
 
 
 def split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:

@@ -1,11 +1,20 @@
 """GPTQ: blockwise weight quantization that corrects each column's rounding error on the columns
 not yet quantized, weighted by the layer's input Hessian H = E[x x^T] (Frantar et al. 2022,
-"GPTQ", Algorithm 1: Cholesky of H^-1, lazy updates over 128 columns, one grid per weight block).
+"GPTQ", Algorithm 1: Cholesky of H^-1, lazy updates over 128 columns).
 
-The grid of each block (scale and zero point) is chosen by the codec's own round-to-nearest search
-on the block's error-corrected weights when the sweep reaches it, so the result packs exactly like
-the codec's plain output. `sequential_gptq` runs the reference decoder over calibration text layer
-by layer, quantizing each projection on the inputs the already quantized layers produce.
+Three steps per weight:
+1. The grid: each block's scale and zero point from the codec's own round-to-nearest search on
+   the float weights ("static groups"), so the result packs exactly like the codec's plain output.
+2. The levels: GPTQ's sweep in descending order of H's diagonal ("act order": the loudest inputs
+   first, while the most columns remain to absorb their error).
+3. The scales again: with the levels fixed, each row's block scales are the least-squares
+   solution of its output error (w - w_hat) H (w - w_hat)^T, a small linear system per row.
+Measured on SmolLM2-135M's int4 ONNX export (mean KLD in onnxruntime, 4 windows): 0.081 with
+each block's grid searched when the plain sweep reaches it, 0.067 with act order and static
+groups, 0.0625 with the scales refit as well.
+
+`sequential_gptq` runs the reference decoder over calibration text layer by layer, quantizing
+each projection on the inputs the already quantized layers produce.
 """
 
 from __future__ import annotations
@@ -51,40 +60,92 @@ def gptq(
     W[:, :k] = torch.from_numpy(np.asarray(w, np.float32))
     H = torch.zeros((kp, kp), dtype=torch.float64)
     H[:k, :k] = hessian.double()
+    scales = np.zeros((n, nb), np.float32)
+    zeros = np.zeros((n, nb), np.float32)
+    for b in range(nb):
+        scales[:, b], zeros[:, b] = grid(W[:, b * block_size : (b + 1) * block_size].numpy())
+    levels = _sweep(W, H.clone(), scales, zeros, bits, block_size, damp, lazy)
+    scales = refit_scales(W, H, levels, scales, zeros, block_size)
+    return GptqResult(levels, scales, zeros)
+
+
+def _sweep(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    bits: int,
+    block_size: int,
+    damp: float,
+    lazy: int,
+) -> NDArray[np.uint8]:
+    """GPTQ's levels for W (N, Kp) on the fixed grid, columns in descending order of diag(H)."""
+    n, kp = W.shape
     dead = torch.diagonal(H) == 0  # inputs never seen (or padding): their weights do not matter
     H[dead, dead] = 1.0
     H += damp * torch.diagonal(H).mean() * torch.eye(kp, dtype=torch.float64)
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    W, H = W[:, order], H[order][:, order]
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:  # numerically singular: more damping, as GPTQ's authors do
         H += 0.1 * torch.diagonal(H).mean() * torch.eye(kp, dtype=torch.float64)
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     U = U.float()
+    S = torch.from_numpy(np.repeat(scales, block_size, axis=1))[:, order]  # per column
+    Z = torch.from_numpy(np.repeat(zeros, block_size, axis=1))[:, order]
+    live = S != 0
+    S = torch.where(live, S, 1.0)
     nmax = (1 << bits) - 1
     levels = torch.zeros((n, kp), dtype=torch.uint8)
-    scales = np.zeros((n, nb), np.float32)
-    zeros = np.zeros((n, nb), np.float32)
-    step = max(block_size, lazy // block_size * block_size)  # lazy batches hold whole blocks
-    for i1 in range(0, kp, step):
-        i2 = min(i1 + step, kp)
+    for i1 in range(0, kp, lazy):
+        i2 = min(i1 + lazy, kp)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:
-                s, z = grid(W1[:, i : i + block_size].numpy())
-                scales[:, col // block_size], zeros[:, col // block_size] = s, z
-                s_t = torch.from_numpy(np.where(s == 0, 1.0, s).astype(np.float32))
-                z_t = torch.from_numpy(z.astype(np.float32))
-                live = torch.from_numpy(s != 0)
-            q = torch.clamp(torch.round(W1[:, i] / s_t) + z_t, 0, nmax)
-            q = torch.where(live, q, z_t)
-            levels[:, col] = q.to(torch.uint8)
-            err = (W1[:, i] - torch.where(live, (q - z_t) * s_t, 0.0)) / U1[i, i]
+            c = i1 + i
+            q = torch.clamp(torch.round(W1[:, i] / S[:, c]) + Z[:, c], 0, nmax)
+            q = torch.where(live[:, c], q, Z[:, c])
+            levels[:, c] = q.to(torch.uint8)
+            err = (W1[:, i] - torch.where(live[:, c], (q - Z[:, c]) * S[:, c], 0.0)) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return GptqResult(levels.numpy(), scales, zeros)
+    return levels[:, torch.argsort(order)].numpy()
+
+
+def refit_scales(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    levels: NDArray[np.uint8],
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
+    block_size: int,
+    ridge: float = 1e-4,
+    rows: int = 8192,
+) -> NDArray[np.float32]:
+    """Each row's block scales s minimizing (w - M s)^T H (w - M s), where column b of M holds the
+    row's (level - zero) in block b: s = (M^T H M)^-1 M^T H w, with a small ridge toward the
+    current scales (a block of all-zero levels keeps its scale). W (N, Kp), H (Kp, Kp)."""
+    n, kp = W.shape
+    nb = kp // block_size
+    Hf = H.float()
+    out = np.array(scales, copy=True)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        lv = torch.from_numpy(levels[r0:r1].astype(np.float32)).reshape(r1 - r0, nb, block_size)
+        D = (lv - torch.from_numpy(zeros[r0:r1])[..., None]).reshape(r1 - r0, kp)
+        G = torch.empty((r1 - r0, nb, nb), dtype=torch.float32)
+        for a in range(nb):  # G[:, a, b] = d_a H_ab d_b per row, all b at once
+            cols = slice(a * block_size, (a + 1) * block_size)
+            G[:, a] = ((D[:, cols] @ Hf[cols]) * D).reshape(r1 - r0, nb, block_size).sum(-1)
+        rhs = ((W[r0:r1] @ Hf) * D).reshape(r1 - r0, nb, block_size).sum(-1)
+        s0 = torch.from_numpy(scales[r0:r1])
+        lam = ridge * torch.diagonal(G, dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        A = G.double() + lam.double()[:, None, None] * torch.eye(nb, dtype=torch.float64)
+        s = torch.linalg.solve(A, (rhs + lam[:, None] * s0).double()[..., None])[..., 0]
+        out[r0:r1] = torch.where(s0 == 0, 0.0, s).float().numpy()
+    return out
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

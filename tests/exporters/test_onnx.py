@@ -93,6 +93,24 @@ def test_onnxruntime_matches_reference_on_stored_weights(
     assert np.abs(np.array(rows) - got[8:-1]).max() < max(tol, 1e-5)
 
 
+def test_embedding_blocks_wider_than_the_hidden_size(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of 128 over the tiny model's 64-wide table: GatherBlockQuantized dequantizes whole
+    padded rows, so the graph cuts the embedding back to the hidden size."""
+    import smolconvert.exporters.onnx as onnx_exporter
+    from smolconvert.exporters.onnx_quant import Rule
+    from smolconvert.validators.onnxruntime import open_onnxruntime_runner
+
+    rules = (Rule("embedding", "int4_b128_none"), Rule("linear", "int4_b32_none"))
+    recipe = dataclasses.replace(RECIPES["int4"], rules=rules, accuracy_level=0, gptq=False)
+    monkeypatch.setitem(onnx_exporter.RECIPES, "int4", recipe)
+    art = _export(tiny_folder, "int4", tmp_path / "art")
+    want = _stored_reference(art, tiny_folder).logits(IDS).float().numpy()
+    got = open_onnxruntime_runner(str(art.path("model")), threads=2).logits(IDS)
+    assert np.abs(got - want).max() < 1e-4
+
+
 def _unpack_stored(packed: np.ndarray, bits: int, k_padded: int) -> np.ndarray:
     """MatMulNBits' B (N, n_blocks, bytes) -> levels (N, k_padded), low nibble first."""
     if bits == 8:
@@ -212,19 +230,18 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
             assert rotary == [int(r) for r in load_model(folder).spec.rope_layers]
             assert inputs[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
             assert genai["search"]["past_present_share_buffer"] is True
-            projections = 4
+            projections = 5  # q/k and v apart in int4 (v keeps 8 bits)
         else:
             assert "GroupQueryAttention" not in ops
             assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
             assert genai["search"]["past_present_share_buffer"] is False
             projections = 7
-        if scheme == "int4":  # symmetric: 8-bit q/k/v, 4-bit other projections and tied head
+        if scheme == "int4":  # symmetric: 8-bit v, 4-bit other projections and tied head
             kernels = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
             assert len(kernels) == projections * n_layers + 1
             for n in kernels:
                 bits = next(a.i for a in n.attribute if a.name == "bits")
-                qkv = any(p in n.name for p in ("qkv_proj", "q_proj", "k_proj", "v_proj"))
-                assert bits == (8 if qkv else 4), n.name
+                assert bits == (8 if n.name.endswith("/v_proj") else 4), n.name
                 assert len(n.input) == 3, n.name  # no zero points
             assert art.meta["calibration"]["method"] == "gptq"
         assert proto.graph.output[0].name == "logits"
