@@ -336,6 +336,7 @@ def stored_weights(model_path: Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     packs = {
         "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
         "self_attn.qk_proj": ("q_proj", "k_proj"),  # when v has its own codec
+        "self_attn.kv_proj": ("k_proj", "v_proj"),  # when q has its own codec
         "mlp.gate_up_proj": ("gate_proj", "up_proj"),
     }
     out: dict[str, np.ndarray] = {}

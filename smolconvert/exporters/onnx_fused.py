@@ -1,7 +1,7 @@
 """The decoder layers with onnxruntime's fused contrib ops (the "fused" graph, the default).
 
 Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm in one kernel), one projection
-for q/k/v packed along N (two, concatenated, when v keeps more bits than q and k),
+for q/k/v packed along N (two, concatenated, when k and v keep more bits than q),
 GroupQueryAttention (RoPE from cos/sin tables, the KV cache append, GQA and softmax in one
 kernel), one projection for gate/up, and the down projection. That is the shape of the
 onnxruntime-genai builder's CPU graph; the plain graph (onnx_graph.py) needs ~3x the nodes,
@@ -82,8 +82,8 @@ def _packed(
     """Projections for several weights that read the same input: one per run of parts with one
     codec, stacked along N (rows), as (node name, Linear). Quantization is per row block, so this
     stores exactly what separate projections would. One run is stored as `name` (e.g.
-    `...self_attn.qkv_proj`); several by their parts (`...self_attn.qk_proj` and
-    `...self_attn.v_proj.weight` when v is kept at more bits than q and k)."""
+    `...self_attn.qkv_proj`); several by their parts (`...self_attn.q_proj.weight` and
+    `...self_attn.kv_proj` when k and v keep more bits than q)."""
     runs = codec_runs(recipe, parts)
     out = []
     for codec, run in runs:

@@ -178,8 +178,8 @@ def dequantize(qw: QuantizedWeight) -> Floats:
 
 # Recipes: ordered first-match rules. Roles: "embedding" (the tied embedding + lm_head, one packed
 # buffer read by GatherBlockQuantized and MatMulNBits, or the untied embedding), "lm_head" (untied),
-# "qk" (the q and k projections) and "v" (the v projection), both else as "linear", and "linear"
-# (every other projection). A role mapped to None stays float.
+# "q", "k", "v" (the attention input projections, each else as "linear"), and "linear" (every
+# other projection). A role mapped to None stays float.
 @dataclass(frozen=True)
 class Rule:
     role: str
@@ -195,8 +195,9 @@ class Recipe:
     gptq: bool = False  # quantize every tensor with GPTQ on calibration text (quantizers/gptq.py)
 
     def codec_for(self, role: str) -> BlockCodec | None:
-        """The first rule for `role`; "qk" and "v" fall back to "linear" when no rule names them."""
-        for want in (role, "linear") if role in ("qk", "v") else (role,):
+        """The first rule for `role`; "q", "k" and "v" fall back to "linear" when no rule names
+        them."""
+        for want in (role, "linear") if role in ("q", "k", "v") else (role,):
             for rule in self.rules:
                 if rule.role == want:
                     return CODECS[rule.codec] if rule.codec else None
@@ -224,14 +225,16 @@ RECIPES = {
         (
             # Symmetric blocks of 32 (MatMulNBits' fastest kernels, no zero points), GPTQ'd on
             # calibration text (act order, scales refit). Measured on SmolLM2-135M in onnxruntime
-            # (mean KLD, 4 windows): every projection 4-bit 0.0905 at 84.3 MB; v kept 8-bit
-            # 0.0622 at 86.0 MB (v carries most of q/k/v's error; q and k share one MatMulNBits,
-            # v has its own, concatenated for GroupQueryAttention); blocks of 64 0.086 at 77.6 MB
-            # and decoded no faster (int8 activations are quantized per block too); the tied
-            # table in blocks of 128 0.0795. Earlier, weight-level: GPTQ took the 4-bit tied table
-            # from 0.084 (round-to-nearest) to 0.013; integer zero points were no better, slower.
+            # (mean KLD, 4 windows): every projection 4-bit 0.0905 at 84.3 MB; v 8-bit 0.0622 at
+            # 86.0 MB; k and v 8-bit 0.0538 at 87.6 MB (q, and k/v, are then two MatMulNBits,
+            # concatenated for GroupQueryAttention: the same nodes either way). Blocks of 64:
+            # 0.086 at 77.6 MB and decoded no faster (int8 activations are quantized per block
+            # too); the tied table in blocks of 128: 0.0795. Earlier, weight-level: GPTQ took the
+            # 4-bit tied table from 0.084 (round-to-nearest) to 0.013; integer zero points were
+            # no better, and slower.
             Rule("embedding", "int4_b32_none"),
             Rule("lm_head", "int4_b32_none"),
+            Rule("k", "int8_b32_none"),
             Rule("v", "int8_b32_none"),
             Rule("linear", "int4_b32_none"),
         ),
@@ -249,10 +252,9 @@ def role_of(name: str) -> str:
         return "embedding"
     if name == "lm_head.weight":
         return "lm_head"
-    if name.endswith(("q_proj.weight", "k_proj.weight")):
-        return "qk"
-    if name.endswith("v_proj.weight"):
-        return "v"
+    for role in ("q", "k", "v"):
+        if name.endswith(f"{role}_proj.weight"):
+            return role
     return "linear" if name.endswith("proj.weight") else "norm"
 
 

@@ -230,18 +230,19 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
             assert rotary == [int(r) for r in load_model(folder).spec.rope_layers]
             assert inputs[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
             assert genai["search"]["past_present_share_buffer"] is True
-            projections = 5  # q/k and v apart in int4 (v keeps 8 bits)
+            projections = 5  # q and k/v apart in int4 (k and v keep 8 bits)
         else:
             assert "GroupQueryAttention" not in ops
             assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
             assert genai["search"]["past_present_share_buffer"] is False
             projections = 7
-        if scheme == "int4":  # symmetric: 8-bit v, 4-bit other projections and tied head
+        if scheme == "int4":  # symmetric: 8-bit k and v, 4-bit other projections and tied head
             kernels = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
             assert len(kernels) == projections * n_layers + 1
             for n in kernels:
                 bits = next(a.i for a in n.attribute if a.name == "bits")
-                assert bits == (8 if n.name.endswith("/v_proj") else 4), n.name
+                kv = n.name.endswith(("/kv_proj", "/k_proj", "/v_proj"))
+                assert bits == (8 if kv else 4), n.name
                 assert len(n.input) == 3, n.name  # no zero points
             assert art.meta["calibration"]["method"] == "gptq"
         assert proto.graph.output[0].name == "logits"
@@ -280,8 +281,18 @@ def test_transformers_js_in_node_continues_like_the_reference(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])["tokens"]
-    want = _greedy(_stored_reference(art, folder), prompt, 12, eos=2)
-    assert got == want
+    ref = _stored_reference(art, folder)
+    if not RECIPES[scheme].accuracy_level:
+        assert got == _greedy(ref, prompt, 12, eos=2)
+        return
+    # int8 activations inside MatMulNBits: each of Node's tokens must be the reference's greedy
+    # pick on Node's own prefix, up to the activation rounding (a tiny random model's logits are
+    # nearly flat, so a near tie may go either way)
+    assert len(got) == 12 or got[-1] == 2
+    for i, token in enumerate(got):
+        logits = ref.logits(prompt + got[:i])[-1].float()
+        margin = 0.05 * float(logits.abs().max())
+        assert float(logits.max() - logits[token]) <= margin, (i, token, int(logits.argmax()))
 
 
 @pytest.mark.parametrize(
