@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from smolconvert.quantizers.gptq import GridSearch, gptq
+from smolconvert.quantizers.gptq import gptq
 from smolconvert.quantizers.scale_search import make_qx_quants
 
 if TYPE_CHECKING:
@@ -122,44 +122,25 @@ def _asymmetric_uint8(x: Floats, bits: int) -> tuple[Floats, NDArray, NDArray]:
     return best_s, best_z.astype(np.uint8), best_q.astype(np.uint8)
 
 
-def _grid(codec: BlockCodec) -> GridSearch:
-    """The codec's round-to-nearest search for one block of every row: (N, bs) -> (scale, zero)."""
-    if codec.zero_point == "none":
-
-        def symmetric(x: Floats) -> tuple[Floats, Floats]:
-            scale, _ = _symmetric(x[:, None, :], codec.bits)
-            return scale[:, 0], np.full(len(x), 1 << (codec.bits - 1), np.float32)
-
-        return symmetric
-    if codec.zero_point == "uint8":
-
-        def asymmetric(x: Floats) -> tuple[Floats, Floats]:
-            scale, zero, _ = _asymmetric_uint8(x[:, None, :], codec.bits)
-            return scale[:, 0], zero[:, 0].astype(np.float32)
-
-        return asymmetric
-    raise AssertionError(f"{codec.name}: GPTQ needs an integer grid")
-
-
 def quantize(w: Floats, codec: BlockCodec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest with the codec's scale search, or GPTQ against `hessian` (K, K)."""
-    if hessian is not None:
-        r = gptq(np.asarray(w, np.float32), hessian, codec.bits, codec.block_size, _grid(codec))
-        n, nb = r.scales.shape
-        levels = r.levels.reshape(n, nb, codec.block_size)
-        zp = None if codec.zero_point == "none" else _pack(r.zeros, codec.bits)
-        return QuantizedWeight(codec, w.shape, _pack(levels, codec.bits), r.scales, zp)
+    """Round-to-nearest with the codec's scale search, or GPTQ against `hessian` (K, K) on that
+    search's grid."""
     x = _blocks(np.asarray(w, np.float32), codec.block_size)
     zero_points: NDArray | None
     if codec.zero_point == "none":
         scales, levels = _symmetric(x, codec.bits)
+        zeros = np.full(scales.shape, 1 << (codec.bits - 1), np.float32)
         zero_points = None
     else:
         scales, zp, levels = _asymmetric_uint8(x, codec.bits)
+        zeros = zp.astype(np.float32)
         zero_points = _pack(zp, codec.bits)
-    packed = _pack(levels, codec.bits)
+    scales = scales.astype(np.float32)
+    if hessian is not None:
+        r = gptq(np.asarray(w, np.float32), hessian, codec.bits, codec.block_size, scales, zeros)
+        levels, scales = r.levels.reshape(x.shape), r.scales
     return QuantizedWeight(
-        codec, (w.shape[0], w.shape[1]), packed, scales.astype(np.float32), zero_points
+        codec, (w.shape[0], w.shape[1]), _pack(levels, codec.bits), scales, zero_points
     )
 
 

@@ -30,17 +30,13 @@ from numpy.typing import NDArray
 from smolconvert import progress
 from smolconvert.errors import ConfigError
 
-# (N, block_size) float32 weights -> (scale (N,), zero point (N,)) of the dequantization
-# w = scale * (level - zero), levels in [0, 2**bits).
 DAMP = 0.01  # of H's mean diagonal, added to its diagonal (the GPTQ paper's default)
-GridSearch = Callable[[NDArray[np.float32]], tuple[NDArray[np.float32], NDArray[np.float32]]]
 
 
 @dataclass(frozen=True)
 class GptqResult:
     levels: NDArray[np.uint8]  # (N, K padded to whole blocks)
-    scales: NDArray[np.float32]  # (N, n_blocks)
-    zeros: NDArray[np.float32]  # (N, n_blocks)
+    scales: NDArray[np.float32]  # (N, n_blocks), refit; the zero points are the grid's
 
 
 def gptq(
@@ -48,25 +44,24 @@ def gptq(
     hessian: torch.Tensor,
     bits: int,
     block_size: int,
-    grid: GridSearch,
+    scales: NDArray[np.float32],
+    zeros: NDArray[np.float32],
     damp: float = DAMP,
     lazy: int = 128,
 ) -> GptqResult:
-    """Quantize w (N, K) against H (K, K); K is zero-padded to whole blocks, as the codec pads."""
+    """Quantize w (N, K) against H (K, K) on the grid `scales`, `zeros` (N, n_blocks): the
+    codec's round-to-nearest grid of w, w = scale * (level - zero) with levels in [0, 2**bits).
+    K is zero-padded to whole blocks, as the codec pads."""
     n, k = w.shape
-    nb = -(-k // block_size)
+    nb = scales.shape[1]
     kp = nb * block_size
     W = torch.zeros((n, kp), dtype=torch.float32)
     W[:, :k] = torch.from_numpy(np.asarray(w, np.float32))
     H = torch.zeros((kp, kp), dtype=torch.float64)
     H[:k, :k] = hessian.double()
-    scales = np.zeros((n, nb), np.float32)
-    zeros = np.zeros((n, nb), np.float32)
-    for b in range(nb):
-        scales[:, b], zeros[:, b] = grid(W[:, b * block_size : (b + 1) * block_size].numpy())
     levels = _sweep(W, H.clone(), scales, zeros, bits, block_size, damp, lazy)
     scales = refit_scales(W, H, levels, scales, zeros, block_size)
-    return GptqResult(levels, scales, zeros)
+    return GptqResult(levels, scales)
 
 
 def _sweep(
