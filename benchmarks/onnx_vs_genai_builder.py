@@ -6,7 +6,9 @@ size on disk, mean KLD against the fp32 reference decoder (same windows, scored 
 top-1 agreement, and decode tokens/s (median of --repeats runs, interleaved across models) in two
 runtimes: plain onnxruntime (our runner, the same harness for every graph) and onnxruntime-genai
 (the builder's home).
-Prints ratios ours / builder. Run on demand, never in CI:
+Prints ratios ours / builder: of the whole-run medians, and paired (`paired_ratios`: both
+decoders alive, taking turns of 16 steps, compared turn by turn), which on a shared machine
+repeated within about 2% where the whole-run ratios moved by 10%. Run on demand, never in CI:
 
     python benchmarks/onnx_vs_genai_builder.py [--source default] [--windows 4] [--threads 2]
 """
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +66,45 @@ def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
     return n_new / (time.perf_counter() - start)
 
 
+def genai_steps(folder: Path, prompt: list[int], max_length: int) -> Iterator[int]:
+    """onnxruntime-genai's greedy tokens, one per next() (the first after the prefill)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while True:
+        gen.generate_next_token()
+        yield int(gen.get_next_tokens()[0])
+
+
+def paired_ratios(
+    steps: dict[str, Iterator[int]], rounds: int, block: int = 16, drop: int = 2
+) -> dict[str, float]:
+    """Decode speed relative to the first decoder, paired: every decoder stays alive and they
+    take turns decoding `block` steps (order reversed every round, so each sees the same context
+    lengths); a step's latency is timed alone, the first `drop` of each turn are dropped (the
+    switch), and each round compares the turns' median step latencies. Returns the median over
+    rounds of first / each (above 1: faster than the first). Slow machine-wide drift, which
+    whole-run medians cannot separate from the models, cancels inside a round."""
+    names = list(steps)
+    medians: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        next(steps[name])  # the prefill, untimed
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            lat = []
+            for _ in range(block):
+                start = time.perf_counter()
+                next(steps[name])
+                lat.append(time.perf_counter() - start)
+            medians[name].append(float(np.median(lat[drop:])))
+    base = np.array(medians[names[0]])
+    return {name: float(np.median(base / np.array(medians[name]))) for name in names}
+
+
 def variants() -> dict[str, tuple[str, object, str]]:
     """Row name -> (scheme, recipe, graph) for our exports: the shipped fused graph and the plain
     one (standard ops), so the fused ops' gain is measured here, next to the builder."""
@@ -97,6 +139,7 @@ def main(
     precisions: tuple[str, ...] = ("fp32", "int4"),
     reference_speed: bool = True,
     repeats: int = 3,
+    paired_rounds: int = 30,
 ) -> None:
     import smolconvert
     from smolconvert.model.hf_folder import save_hf_folder
@@ -193,6 +236,27 @@ def main(
             f"kld {ours['kld_mean']:.5f} vs {theirs['kld_mean']:.5f}; "
             f"size {ours['size_mb']:.1f} vs {theirs['size_mb']:.1f} MB"
         )
+    if paired_rounds:
+        block = 16
+        print(
+            f"paired ({paired_rounds} rounds of {block}-step turns, both decoders alive, "
+            f"context {len(prompt)} -> {len(prompt) + paired_rounds * block}):"
+        )
+        for precision in precisions:
+            pair = (f"builder {precision}", f"ours {precision}")
+            ort_steps = {
+                n: OnnxRuntimeRunner(graphs[n], threads=threads).greedy_steps(prompt) for n in pair
+            }
+            ort_ratio = paired_ratios(ort_steps, paired_rounds, block)[pair[1]]
+            del ort_steps
+            max_length = len(prompt) + paired_rounds * block + 2
+            genai = {n: genai_steps(folders[n], prompt, max_length) for n in pair}
+            genai_ratio = paired_ratios(genai, paired_rounds, block)[pair[1]]
+            del genai
+            print(
+                f"{precision}: speed ours/builder onnxruntime {ort_ratio:.3f}x, "
+                f"genai {genai_ratio:.3f}x"
+            )
     np.set_printoptions()
 
 
@@ -205,6 +269,12 @@ if __name__ == "__main__":
     parser.add_argument("--skip-fp32", action="store_true", help="builder and ours int4/int8 only")
     parser.add_argument("--no-reference-speed", action="store_true", help="skip timing torch")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)")
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=30,
+        help="rounds of the paired ours/builder timing (0: skip it)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         main(
@@ -215,4 +285,5 @@ if __name__ == "__main__":
             ("int4",) if args.skip_fp32 else ("fp32", "int4"),
             not args.no_reference_speed,
             args.repeats,
+            args.paired_rounds,
         )

@@ -164,24 +164,26 @@ def _gptq(
     half of pydoc's topics that the default evaluation never reads)."""
     import torch
 
-    from smolconvert.quantizers.gptq import DAMP, sequential_gptq
+    from smolconvert.quantizers.gptq import DAMP, Segments, sequential_gptq
     from smolconvert.texts import default_calibration_text
 
     text = default_calibration_text()
     done: dict[str, QuantizedWeight] = {}
 
     def quantize_group(
-        parts: Sequence[str], ws: list[np.ndarray], hessian: torch.Tensor
+        parts: Sequence[str], ws: list[np.ndarray], hessians: list[Segments]
     ) -> dict[str, torch.Tensor]:
-        """Parts that read one input, on its Hessian; GPTQ is per row, so each run of one codec
-        is quantized as one stacked weight."""
+        """Parts that read one input, each on its Hessian segments; GPTQ is per row, so each run
+        of one codec is quantized as one stacked weight."""
         weights = dict(zip(parts, ws, strict=True))
+        segments = dict(zip(parts, hessians, strict=True))
         out: dict[str, torch.Tensor] = {}
         for codec, run in codec_runs(recipe, list(parts)):
             if codec is None:
                 continue
             rows = [len(weights[p]) for p in run]
-            qw = quantize(np.concatenate([weights[p] for p in run], axis=0), codec, hessian)
+            stacked = np.concatenate([weights[p] for p in run], axis=0)
+            qw = quantize(stacked, codec, [s for p in run for s in segments[p]])
             done.update(zip(run, split_rows(qw, rows), strict=True))
             deq = np.split(dequantize(qw), np.cumsum(rows)[:-1])
             out.update({p: torch.from_numpy(d) for p, d in zip(run, deq, strict=True)})
@@ -192,6 +194,7 @@ def _gptq(
         "method": "gptq",
         "order": "act (descending Hessian diagonal), static block grids",
         "scales": "least-squares refit on the Hessian after the levels",
+        "hessians": "k and v per kv head, weighed by attention (gptq.attention_hessians)",
         "damp": DAMP,
         "text_name": text.name,
         "text_sha256": text.sha256,

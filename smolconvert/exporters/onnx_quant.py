@@ -25,6 +25,8 @@ from smolconvert.quantizers.scale_search import make_qx_quants
 if TYPE_CHECKING:
     import torch
 
+    from smolconvert.quantizers.gptq import Segments
+
 Floats = NDArray[np.float32]
 
 
@@ -122,9 +124,11 @@ def _asymmetric_uint8(x: Floats, bits: int) -> tuple[Floats, NDArray, NDArray]:
     return best_s, best_z.astype(np.uint8), best_q.astype(np.uint8)
 
 
-def quantize(w: Floats, codec: BlockCodec, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize(
+    w: Floats, codec: BlockCodec, hessian: torch.Tensor | Segments | None = None
+) -> QuantizedWeight:
     """Round-to-nearest with the codec's scale search, or GPTQ against `hessian` (K, K) on that
-    search's grid."""
+    search's grid; given segments [(rows, H), ...], each row range on its own Hessian."""
     x = _blocks(np.asarray(w, np.float32), codec.block_size)
     zero_points: NDArray | None
     if codec.zero_point == "none":
@@ -137,8 +141,16 @@ def quantize(w: Floats, codec: BlockCodec, hessian: torch.Tensor | None = None) 
         zero_points = _pack(zp, codec.bits)
     scales = scales.astype(np.float32)
     if hessian is not None:
-        r = gptq(np.asarray(w, np.float32), hessian, codec.bits, codec.block_size, scales, zeros)
-        levels, scales = r.levels.reshape(x.shape), r.scales
+        segments = hessian if isinstance(hessian, list) else [(len(w), hessian)]
+        assert sum(n for n, _ in segments) == len(w), ([n for n, _ in segments], len(w))
+        w32, parts, start = np.asarray(w, np.float32), [], 0
+        for n, h in segments:
+            rows = slice(start, start + n)
+            r = gptq(w32[rows], h, codec.bits, codec.block_size, scales[rows], zeros[rows])
+            parts.append(r)
+            start += n
+        levels = np.concatenate([r.levels for r in parts]).reshape(x.shape)
+        scales = np.concatenate([r.scales for r in parts])
     return QuantizedWeight(
         codec, (w.shape[0], w.shape[1]), _pack(levels, codec.bits), scales, zero_points
     )
@@ -204,19 +216,19 @@ RECIPES = {
         "int4",
         "float32",
         (
-            # Symmetric blocks of 32 (MatMulNBits' fastest kernels, no zero points), GPTQ'd on
-            # calibration text (act order, scales refit). Measured on SmolLM2-135M in onnxruntime
-            # (mean KLD, 4 windows): every projection 4-bit 0.0905 at 84.3 MB; v 8-bit 0.0622 at
-            # 86.0 MB; k and v 8-bit 0.0538 at 87.6 MB (q, and k/v, are then two MatMulNBits,
-            # concatenated for GroupQueryAttention: the same nodes either way). Blocks of 64:
+            # Symmetric blocks of 32 (MatMulNBits' fastest kernels, no zero points) everywhere,
+            # GPTQ'd on calibration text (act order, scales refit, k and v on attention-weighted
+            # Hessians). All of q/k/v then share one MatMulNBits, as the onnxruntime-genai
+            # builder's graph does: each extra MatMulNBits plus the Concat for
+            # GroupQueryAttention cost ~13 us per layer on 2 threads, ~4% of a decode step.
+            # Measured on SmolLM2-135M in onnxruntime (mean KLD, 4 windows): 0.0635 at 84.3 MB
+            # (plain Hessians 0.0905; 8-bit k and v as a second MatMulNBits 0.0538 at 87.6 MB,
+            # 5% slower; integer zero points on q/k/v 0.0854 on plain Hessians). Blocks of 64:
             # 0.086 at 77.6 MB and decoded no faster (int8 activations are quantized per block
-            # too); the tied table in blocks of 128: 0.0795. Earlier, weight-level: GPTQ took the
-            # 4-bit tied table from 0.084 (round-to-nearest) to 0.013; integer zero points were
-            # no better, and slower.
+            # too); the tied table in blocks of 128: 0.0795. Earlier, weight-level: GPTQ took
+            # the 4-bit tied table from 0.084 (round-to-nearest) to 0.013.
             Rule("embedding", "int4_b32_none"),
             Rule("lm_head", "int4_b32_none"),
-            Rule("k", "int8_b32_none"),
-            Rule("v", "int8_b32_none"),
             Rule("linear", "int4_b32_none"),
         ),
         # int8 activations in MatMulNBits (as the onnxruntime-genai builder's CPU int4): measured

@@ -14,7 +14,13 @@ each block's grid searched when the plain sweep reaches it, 0.067 with act order
 groups, 0.0625 with the scales refit as well.
 
 `sequential_gptq` runs the reference decoder over calibration text layer by layer, quantizing
-each projection on the inputs the already quantized layers produce.
+each projection on the inputs the already quantized layers produce. k and v are weighed by what
+attention does with them (`attention_hessians`): v's error reaches the attention output mixed by
+the attention weights, so v's Hessian is that of the mixed inputs (exact per kv head), and each
+key's rows count by the attention the key receives. Measured on SmolLM2-135M's int4 ONNX export
+with every projection at 4 bits (mean KLD in onnxruntime): 0.0905 on the plain input Hessian,
+0.0637 with v's, 0.0635 with k's as well (4 windows); 0.0774 and 0.0755 (8 windows). 8-bit k and
+v on the plain Hessian: 0.0538 (4 windows).
 """
 
 from __future__ import annotations
@@ -149,12 +155,63 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
+# A weight's Hessians by row range: [(rows, H (K, K)), ...] in row order, covering every row.
+# GPTQ is per row, so rows may answer to different Hessians (k and v: one per kv head).
+Segments = list[tuple[int, torch.Tensor]]
+
 # Called with the canonical names of tensors that read one input (q/k/v, gate/up, or one
-# projection), their float32 weights (N_i, K) and that input's Hessian; returns the dequantized
-# weights to continue with.
+# projection), their float32 weights (N_i, K) and each one's Hessian segments; returns the
+# dequantized weights to continue with.
 QuantizeGroup = Callable[
-    [Sequence[str], list[NDArray[np.float32]], torch.Tensor], dict[str, torch.Tensor]
+    [Sequence[str], list[NDArray[np.float32]], list[Segments]], dict[str, torch.Tensor]
 ]
+
+
+def attention_hessians(
+    att: Any,
+    xs: Sequence[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per kv head g, the Hessians that k's and v's rows of head g answer to, from the reference
+    attention `att` (float q/k) on normalised inputs xs [(B, T, d)] with cos/sin/mask as
+    `rope_and_mask` makes them (one window, broadcast over B).
+
+    v: head h's attention output is sum_t p_ht (x_t W_v^T), so an error E in W_v's rows of
+    head g moves it by (sum_t p_ht x_t) E^T: the Hessian is that of the mixed inputs
+    x_bar_h = P_h x over g's query heads, sum_h x_bar_h x_bar_h^T (exact before o_proj).
+    k: an error moves key t's scores; its cost grows with the attention key t receives, so
+    each x_t x_t^T is weighed by that attention, summed over g's query heads and all queries
+    (mean weight 1). Both are divided by the token count (and the group size), as the input's."""
+    from smolconvert.model.reference import rotate_half
+
+    nh, nkv, hd = att.n_heads, att.n_kv, att.head_dim
+    group = nh // nkv
+    d = xs[0].shape[-1]
+    hk = [torch.zeros((d, d), dtype=torch.float64) for _ in range(nkv)]
+    hv = [torch.zeros((d, d), dtype=torch.float64) for _ in range(nkv)]
+    tokens = 0
+    for x in xs:
+        b, t, _ = x.shape
+        tokens += b * t
+        q = att.q_proj(x).view(b, t, nh, hd).transpose(1, 2)
+        k = att.k_proj(x).view(b, t, nkv, hd).transpose(1, 2)
+        if att.use_rope:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        k = k[:, :, None].expand(b, nkv, group, t, hd).reshape(b, nh, t, hd)
+        probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * hd**-0.5 + mask, dim=-1)
+        mixed = torch.matmul(probs, x[:, None])  # (B, nh, T, d): x_bar per query and head
+        received = probs.sum(2)  # (B, nh, S): attention each key receives
+        for g in range(nkv):
+            heads = slice(g * group, (g + 1) * group)
+            hv[g] += gram(mixed[:, heads])
+            hk[g] += gram(x * received[:, heads].sum(1)[..., None].sqrt())
+    return (
+        [h / (tokens * group) for h in hk],
+        [h / (tokens * group) for h in hv],
+    )
 
 
 @torch.inference_mode()
@@ -180,11 +237,21 @@ def sequential_gptq(
     params = dict(dec.named_parameters(remove_duplicate=False))
     tokens = n * ctx
 
-    def quantize(names: list[str], xs: list[torch.Tensor]) -> None:
-        """Quantize `names` on the Hessian of their inputs xs; the decoder continues with them."""
+    def quantize(
+        names: list[str], xs: list[torch.Tensor], heads: dict[str, list[torch.Tensor]] | None = None
+    ) -> None:
+        """Quantize `names` on the Hessian of their inputs xs, or on one Hessian per head for the
+        names in `heads`; the decoder continues with the quantized weights."""
         hessian = sum((gram(x) for x in xs), torch.zeros(1, dtype=torch.float64)) / tokens
         weights = [params[name].detach().numpy() for name in names]
-        for name, t in quantize_group(names, weights, hessian).items():
+        segments: list[Segments] = []
+        for name, w in zip(names, weights, strict=True):
+            per_head = (heads or {}).get(name)
+            if per_head is None:
+                segments.append([(len(w), hessian)])
+            else:
+                segments.append([(len(w) // len(per_head), h) for h in per_head])
+        for name, t in quantize_group(names, weights, segments).items():
             params[name].data.copy_(t.reshape(params[name].shape))
 
     windows = torch.tensor(ids[: n * ctx]).reshape(n, ctx)
@@ -196,7 +263,9 @@ def sequential_gptq(
         for i, layer in enumerate(dec.model.layers):
             p, att, mlp = f"model.layers.{i}", layer.self_attn, layer.mlp
             xs = [layer.input_layernorm(h) for h in hs]
-            quantize([f"{p}.self_attn.{t}_proj.weight" for t in "qkv"], xs)
+            hk, hv = attention_hessians(att, xs, cos, sin, mask)
+            qkv = [f"{p}.self_attn.{t}_proj.weight" for t in "qkv"]
+            quantize(qkv, xs, heads={qkv[1]: hk, qkv[2]: hv})
             contexts: list[torch.Tensor] = []  # o_proj's inputs, caught on the way in
             hook = att.o_proj.register_forward_pre_hook(lambda _, a, out=contexts: out.append(a[0]))
             try:

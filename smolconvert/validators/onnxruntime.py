@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +82,27 @@ class OnnxRuntimeRunner:
         out, _ = self._run(list(token_ids), 0, self.empty_past())
         return out.astype(np.float32)
 
-    def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming:
+    def greedy_steps(self, prompt_ids: Sequence[int]) -> Iterator[int]:
+        """Greedy tokens, one per next(): the first after the prompt's prefill, then one decode
+        step (with the cache) each, without end."""
         ids = list(prompt_ids)
-        start = time.perf_counter()
         logits, past = self._run(ids, 0, self.empty_past())
-        token = int(np.argmax(logits[-1]))
-        ttft = time.perf_counter() - start
-        tokens = [token]
-        start = time.perf_counter()
-        for step in range(n_new):
-            logits, past = self._run([token], len(ids) + step, past)
+        position = len(ids)
+        while True:
             token = int(np.argmax(logits[-1]))
-            tokens.append(token)
+            yield token
+            logits, past = self._run([token], position, past)
+            position += 1
+
+    def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming:
+        steps = self.greedy_steps(prompt_ids)
+        start = time.perf_counter()
+        tokens = [next(steps)]
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        tokens += [next(steps) for _ in range(n_new)]
         decode = time.perf_counter() - start
-        return GenerationTiming(len(ids), n_new, ttft * 1e3, n_new / decode, tuple(tokens))
+        return GenerationTiming(len(prompt_ids), n_new, ttft * 1e3, n_new / decode, tuple(tokens))
 
 
 def _kv_dims(path: Path, shape: list[Any]) -> tuple[int, int]:

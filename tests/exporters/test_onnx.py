@@ -111,6 +111,39 @@ def test_embedding_blocks_wider_than_the_hidden_size(
     assert np.abs(got - want).max() < 1e-4
 
 
+def test_q_and_kv_in_different_codecs(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8-bit k/v beside 4-bit q: two MatMulNBits (q_proj, kv_proj) concatenated for
+    GroupQueryAttention, GPTQ'd per run on the per-head Hessians; onnxruntime matches the
+    reference on the weights read back from the file."""
+    import onnx
+
+    import smolconvert.exporters.onnx as onnx_exporter
+    from smolconvert.exporters.onnx_quant import Rule
+    from smolconvert.validators.onnxruntime import open_onnxruntime_runner
+
+    rules = (
+        Rule("embedding", "int4_b32_none"),
+        Rule("k", "int8_b32_none"),
+        Rule("v", "int8_b32_none"),
+        Rule("linear", "int4_b32_none"),
+    )
+    recipe = dataclasses.replace(RECIPES["int4"], rules=rules, accuracy_level=0)
+    monkeypatch.setitem(onnx_exporter.RECIPES, "int4", recipe)
+    art = _export(tiny_folder, "int4", tmp_path / "art")
+    proto = onnx.load(str(art.path("model")), load_external_data=False)
+    bits = {
+        n.name.rsplit("/", 1)[1]: next(a.i for a in n.attribute if a.name == "bits")
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits" and "/layers.0/self_attn/" in n.name
+    }
+    assert bits == {"q_proj": 4, "kv_proj": 8, "o_proj": 4}
+    want = _stored_reference(art, tiny_folder).logits(IDS).float().numpy()
+    got = open_onnxruntime_runner(str(art.path("model")), threads=2).logits(IDS)
+    assert np.abs(got - want).max() < 1e-4
+
+
 def _unpack_stored(packed: np.ndarray, bits: int, k_padded: int) -> np.ndarray:
     """MatMulNBits' B (N, n_blocks, bytes) -> levels (N, k_padded), low nibble first."""
     if bits == 8:
@@ -230,21 +263,20 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
             assert rotary == [int(r) for r in load_model(folder).spec.rope_layers]
             assert inputs[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
             assert genai["search"]["past_present_share_buffer"] is True
-            projections = 5  # q and k/v apart in int4 (k and v keep 8 bits)
+            projections = 4  # qkv, o, gate_up, down
         else:
             assert "GroupQueryAttention" not in ops
             assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
             assert genai["search"]["past_present_share_buffer"] is False
             projections = 7
-        if scheme == "int4":  # symmetric: 8-bit k and v, 4-bit other projections and tied head
+        if scheme == "int4":  # symmetric 4-bit blocks: every projection and the tied head
             kernels = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
             assert len(kernels) == projections * n_layers + 1
             for n in kernels:
-                bits = next(a.i for a in n.attribute if a.name == "bits")
-                kv = n.name.endswith(("/kv_proj", "/k_proj", "/v_proj"))
-                assert bits == (8 if kv else 4), n.name
+                assert next(a.i for a in n.attribute if a.name == "bits") == 4, n.name
                 assert len(n.input) == 3, n.name  # no zero points
             assert art.meta["calibration"]["method"] == "gptq"
+            assert "attention" in art.meta["calibration"]["hessians"]
         assert proto.graph.output[0].name == "logits"
         again = _export(folder, scheme, tmp_path / f"again-{scheme}", graph=graph)
         assert again.meta["files"] == art.meta["files"]  # byte-identical, sha256 per file

@@ -85,3 +85,99 @@ def test_refit_scales_lowers_the_output_error_of_fixed_levels() -> None:
 
     assert output_error(scales) < 0.8 * output_error(plain.scales)
     assert np.isfinite(scales).all() and scales[0, 0] == plain.scales[0, 0] == 0.0
+
+
+def _attention(seed: int, use_rope: bool = True):  # noqa: ANN202 - the reference's Attention
+    """A reference attention (4 query heads on 2 kv heads of 16) with random weights, and its
+    rope/mask for one window of 12 tokens."""
+    from smolconvert.model.reference import ReferenceDecoder
+    from smolconvert.model.spec import ModelSpec
+
+    spec = ModelSpec("llama", 1, 64, 128, 4, 2, 16, 100, 1e-5, 10000.0, 64, True, (use_rope,))
+    torch.manual_seed(seed)
+    dec = ReferenceDecoder(spec)
+    att = dec.model.layers[0].self_attn
+    for lin in (att.q_proj, att.k_proj, att.v_proj):
+        torch.nn.init.normal_(lin.weight, std=0.3)
+    cos, sin, mask = dec.rope_and_mask(
+        torch.ones((1, 12), dtype=torch.long), torch.arange(12)[None], torch.float32
+    )
+    return att, cos, sin, mask
+
+
+def _mixed_values(att, x, cos, sin, mask) -> torch.Tensor:  # noqa: ANN001
+    """The attention output before o_proj, (B, T, heads * head_dim)."""
+    caught: list[torch.Tensor] = []
+    hook = att.o_proj.register_forward_pre_hook(lambda _, a: caught.append(a[0]))
+    empty = torch.zeros((len(x), att.n_kv, 0, att.head_dim))
+    try:
+        att(x, cos, sin, mask, empty, empty)
+    finally:
+        hook.remove()
+    return caught[0]
+
+
+@pytest.mark.parametrize("use_rope", [True, False])
+@torch.inference_mode()
+def test_v_hessian_is_exactly_the_attention_outputs_error(use_rope: bool) -> None:
+    """Moving v's rows of kv head g by E moves g's query heads' outputs by exactly E's quadratic
+    form on that head's Hessian (times tokens and group size, the normalisation)."""
+    from smolconvert.quantizers.gptq import attention_hessians
+
+    att, cos, sin, mask = _attention(1, use_rope)
+    xs = [torch.randn(2, 12, 64), torch.randn(3, 12, 64)]
+    hk, hv = attention_hessians(att, xs, cos, sin, mask)
+    assert len(hk) == len(hv) == 2
+    before = [_mixed_values(att, x, cos, sin, mask) for x in xs]
+    g, group, hd = 1, 2, 16
+    e = torch.randn(hd, 64) * 0.01
+    att.v_proj.weight[g * hd : (g + 1) * hd] += e
+    after = [_mixed_values(att, x, cos, sin, mask) for x in xs]
+    cols = slice(g * group * hd, (g + 1) * group * hd)  # the group's query heads
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    moved = sum(float((d[..., cols].double() ** 2).sum()) for d in diffs)
+    other = sum(float((d[..., : g * group * hd] ** 2).sum()) for d in diffs)
+    predicted = float(torch.trace(e.double() @ hv[g] @ e.double().T)) * 5 * 12 * group
+    assert other == 0.0
+    assert abs(moved - predicted) < 1e-4 * predicted, (moved, predicted)
+
+
+@torch.inference_mode()
+def test_k_hessian_weighs_each_token_by_the_attention_it_receives() -> None:
+    """Identical tokens: both Hessians are that token's x x^T (mean weight 1). A loud first token
+    that every query attends to dominates k's Hessian more than the input's."""
+    from smolconvert.quantizers.gptq import attention_hessians, gram
+
+    att, cos, sin, mask = _attention(2)
+    u = torch.randn(64)
+    hk, hv = attention_hessians(att, [u.expand(2, 12, 64).clone()], cos, sin, mask)
+    for h in (*hk, *hv):
+        assert torch.allclose(h, torch.outer(u, u).double(), rtol=1e-4, atol=1e-5)
+    x = torch.randn(1, 12, 64)
+    sink = torch.randn(64)
+    x[:, 0] = 3 * sink
+    att.k_proj.weight.zero_()  # equal scores: query i attends 1/(i+1) to each earlier key
+    hk, _ = attention_hessians(att, [x], cos, sin, mask)
+    weights = torch.tensor([sum(1 / (i + 1) for i in range(t, 12)) for t in range(12)])
+    expected = gram(x[0] * weights[:, None].sqrt()) / 12
+    assert torch.allclose(hk[0], expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(hk[1], expected, rtol=1e-5, atol=1e-6)
+    plain = gram(x[0]) / 12
+    share = float(sink @ hk[0].float() @ sink) / float(sink @ plain.float() @ sink)
+    assert share > 2.0, share  # the first key gets 3.1x the mean attention here
+
+
+def test_quantize_takes_one_hessian_per_row_range() -> None:
+    """Segments: each row range is GPTQ'd on its own Hessian, exactly as alone."""
+    rng = np.random.default_rng(5)
+    codec = CODECS["int4_b32_none"]
+    w = (rng.standard_normal((40, 64)) * 0.05).astype(np.float32)
+    h1, h2 = (
+        torch.from_numpy((x.T @ x / len(x)).astype(np.float64))
+        for x in (_inputs(rng, 512, 64), _inputs(rng, 512, 64))
+    )
+    both = quantize(w, codec, [(16, h1), (24, h2)])
+    parts = [quantize(w[:16], codec, h1), quantize(w[16:], codec, h2)]
+    assert np.array_equal(both.packed, np.concatenate([p.packed for p in parts]))
+    assert np.array_equal(both.scales, np.concatenate([p.scales for p in parts]))
+    assert not np.array_equal(both.packed, quantize(w, codec, h1).packed)
