@@ -51,21 +51,6 @@ def ort_decode_tok_s(graph: Path, threads: int, prompt: list[int], n_new: int) -
     return runner.time_generation(prompt, n_new).decode_tok_s
 
 
-def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n_new + 1, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    gen.generate_next_token()
-    start = time.perf_counter()
-    for _ in range(n_new):
-        gen.generate_next_token()
-    return n_new / (time.perf_counter() - start)
-
-
 def genai_steps(folder: Path, prompt: list[int], max_length: int) -> Iterator[int]:
     """onnxruntime-genai's greedy tokens, one per next() (the first after the prefill)."""
     import onnxruntime_genai as og
@@ -80,8 +65,20 @@ def genai_steps(folder: Path, prompt: list[int], max_length: int) -> Iterator[in
         yield int(gen.get_next_tokens()[0])
 
 
+def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
+    steps = genai_steps(folder, prompt, len(prompt) + n_new + 1)
+    next(steps)  # the prefill, untimed
+    start = time.perf_counter()
+    for _ in range(n_new):
+        next(steps)
+    return n_new / (time.perf_counter() - start)
+
+
+TURN = 16  # decode steps per turn in the paired timing
+
+
 def paired_ratios(
-    steps: dict[str, Iterator[int]], rounds: int, block: int = 16, drop: int = 2
+    steps: dict[str, Iterator[int]], rounds: int, block: int = TURN, drop: int = 2
 ) -> dict[str, float]:
     """Decode speed relative to the first decoder, paired: every decoder stays alive and they
     take turns decoding `block` steps (order reversed every round, so each sees the same context
@@ -237,21 +234,20 @@ def main(
             f"size {ours['size_mb']:.1f} vs {theirs['size_mb']:.1f} MB"
         )
     if paired_rounds:
-        block = 16
         print(
-            f"paired ({paired_rounds} rounds of {block}-step turns, both decoders alive, "
-            f"context {len(prompt)} -> {len(prompt) + paired_rounds * block}):"
+            f"paired ({paired_rounds} rounds of {TURN}-step turns, both decoders alive, "
+            f"context {len(prompt)} -> {len(prompt) + paired_rounds * TURN}):"
         )
         for precision in precisions:
             pair = (f"builder {precision}", f"ours {precision}")
             ort_steps = {
                 n: OnnxRuntimeRunner(graphs[n], threads=threads).greedy_steps(prompt) for n in pair
             }
-            ort_ratio = paired_ratios(ort_steps, paired_rounds, block)[pair[1]]
+            ort_ratio = paired_ratios(ort_steps, paired_rounds)[pair[1]]
             del ort_steps
-            max_length = len(prompt) + paired_rounds * block + 2
+            max_length = len(prompt) + paired_rounds * TURN + 2
             genai = {n: genai_steps(folders[n], prompt, max_length) for n in pair}
-            genai_ratio = paired_ratios(genai, paired_rounds, block)[pair[1]]
+            genai_ratio = paired_ratios(genai, paired_rounds)[pair[1]]
             del genai
             print(
                 f"{precision}: speed ours/builder onnxruntime {ort_ratio:.3f}x, "
