@@ -1,14 +1,17 @@
 """Our ONNX exports (fp32, int4) against onnxruntime-genai's model builder, same model, one run.
 
 Our rows: the shipped fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, packed
-projections) and the plain graph of standard ops, for fp32 and int4, plus int8. For each model:
+projections; int8 KV cache for int4 and int8) and the plain graph of standard ops, for fp32 and
+int4, the int4 graph with a float KV cache ("f32kv"), plus int8. For each model:
 size on disk, mean KLD against the fp32 reference decoder (same windows, scored second halves),
 top-1 agreement, and decode tokens/s (median of --repeats runs, interleaved across models) in two
 runtimes: plain onnxruntime (our runner, the same harness for every graph) and onnxruntime-genai
 (the builder's home).
-Prints ratios ours / builder: of the whole-run medians, and paired (`paired_ratios`: both
-decoders alive, taking turns of 16 steps, compared turn by turn), which on a shared machine
-repeated within about 2% where the whole-run ratios moved by 10%. Run on demand, never in CI:
+Prints ratios ours / builder: of the whole-run medians, and paired (`paired_ratios`: the
+decoders alive together, taking turns of 16 steps, compared turn by turn), which on a shared
+machine repeated within about 2-5% where the whole-run ratios moved by 10%, from a short and a
+long prompt (--paired-contexts; the KV cache's share of a step grows with the context). Run on
+demand, never in CI:
 
     python benchmarks/onnx_vs_genai_builder.py [--source default] [--windows 4] [--threads 2]
 """
@@ -103,14 +106,22 @@ def paired_ratios(
 
 
 def variants() -> dict[str, tuple[str, object, str]]:
-    """Row name -> (scheme, recipe, graph) for our exports: the shipped fused graph and the plain
-    one (standard ops), so the fused ops' gain is measured here, next to the builder."""
+    """Row name -> (scheme, recipe, graph) for our exports: the shipped fused graph, the plain
+    one (standard ops) and the int4 graph with a float KV cache, so the fused ops' and the int8
+    cache's gains are measured here, next to the builder."""
+    import dataclasses
+
     from smolconvert.exporters.onnx_quant import RECIPES
 
     return {
         "ours fp32": ("fp32", RECIPES["fp32"], "fused"),
         "ours fp32 plain": ("fp32", RECIPES["fp32"], "plain"),
         "ours int4": ("int4", RECIPES["int4"], "fused"),
+        "ours int4 f32kv": (
+            "int4",
+            dataclasses.replace(RECIPES["int4"], kv_cache="float"),
+            "fused",
+        ),
         "ours int4 plain": ("int4", RECIPES["int4"], "plain"),
         "ours int8": ("int8", RECIPES["int8"], "fused"),
     }
@@ -137,6 +148,7 @@ def main(
     reference_speed: bool = True,
     repeats: int = 3,
     paired_rounds: int = 30,
+    paired_contexts: tuple[int, ...] = (128, 2048),
 ) -> None:
     import smolconvert
     from smolconvert.model.hf_folder import save_hf_folder
@@ -221,6 +233,7 @@ def main(
         ("fp32", "fp32"),
         ("fp32 plain", "fp32"),
         ("int4", "int4"),
+        ("int4 f32kv", "int4"),
         ("int4 plain", "int4"),
     ):
         if precision not in precisions:
@@ -233,26 +246,30 @@ def main(
             f"kld {ours['kld_mean']:.5f} vs {theirs['kld_mean']:.5f}; "
             f"size {ours['size_mb']:.1f} vs {theirs['size_mb']:.1f} MB"
         )
-    if paired_rounds:
+    for ctx in paired_contexts if paired_rounds else ():
+        # the eval text's first ctx tokens: the cache's share of a step grows with the context
+        start = ids[:ctx]
         print(
-            f"paired ({paired_rounds} rounds of {TURN}-step turns, both decoders alive, "
-            f"context {len(prompt)} -> {len(prompt) + paired_rounds * TURN}):"
+            f"paired ({paired_rounds} rounds of {TURN}-step turns, all decoders alive, "
+            f"context {len(start)} -> {len(start) + paired_rounds * TURN}):"
         )
         for precision in precisions:
-            pair = (f"builder {precision}", f"ours {precision}")
+            names = [f"builder {precision}", f"ours {precision}"]
+            names += [n for n in graphs if n.startswith(f"ours {precision} ") and "kv" in n]
             ort_steps = {
-                n: OnnxRuntimeRunner(graphs[n], threads=threads).greedy_steps(prompt) for n in pair
+                n: OnnxRuntimeRunner(graphs[n], threads=threads).greedy_steps(start) for n in names
             }
-            ort_ratio = paired_ratios(ort_steps, paired_rounds)[pair[1]]
+            ort_ratio = paired_ratios(ort_steps, paired_rounds)
             del ort_steps
-            max_length = len(prompt) + paired_rounds * TURN + 2
-            genai = {n: genai_steps(folders[n], prompt, max_length) for n in pair}
-            genai_ratio = paired_ratios(genai, paired_rounds)[pair[1]]
+            max_length = len(start) + paired_rounds * TURN + 2
+            genai = {n: genai_steps(folders[n], start, max_length) for n in names}
+            genai_ratio = paired_ratios(genai, paired_rounds)
             del genai
-            print(
-                f"{precision}: speed ours/builder onnxruntime {ort_ratio:.3f}x, "
-                f"genai {genai_ratio:.3f}x"
-            )
+            for n in names[1:]:
+                print(
+                    f"{n.removeprefix('ours ')}: speed ours/builder onnxruntime "
+                    f"{ort_ratio[n]:.3f}x, genai {genai_ratio[n]:.3f}x"
+                )
     np.set_printoptions()
 
 
@@ -271,6 +288,11 @@ if __name__ == "__main__":
         default=30,
         help="rounds of the paired ours/builder timing (0: skip it)",
     )
+    parser.add_argument(
+        "--paired-contexts",
+        default="128,2048",
+        help="prompt lengths (tokens) the paired timing starts from, comma-separated",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         main(
@@ -282,4 +304,5 @@ if __name__ == "__main__":
             not args.no_reference_speed,
             args.repeats,
             args.paired_rounds,
+            tuple(int(x) for x in args.paired_contexts.split(",")),
         )

@@ -142,7 +142,8 @@ def _describe(model: Any) -> dict[str, Any]:
 @click.option(
     "--kv-cache",
     default=None,
-    help="Core ML KV cache: stateful (iOS 18 / macOS 15) or stateless (iOS 17).",
+    help="KV cache. Core ML: stateful (iOS 18 / macOS 15) or stateless (iOS 17). ONNX: auto "
+    "(int8 for onnx:int8/int4, else float), float or int8.",
 )
 @click.option(
     "--mlc-scales",

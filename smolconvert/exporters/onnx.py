@@ -17,7 +17,7 @@ import numpy as np
 
 from smolconvert import artifact as A
 from smolconvert import progress
-from smolconvert.errors import MissingDependencyError
+from smolconvert.errors import ConfigError, MissingDependencyError
 from smolconvert.exporters.onnx_graph import IR_VERSION, OPSET
 from smolconvert.exporters.onnx_quant import (
     CODECS,
@@ -37,10 +37,13 @@ from smolconvert.model.weights import canonical_names, expected_shape
 INSTALL_HINT = "pip install 'smolconvert[onnx]'"
 # graph: "fused" = onnxruntime contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization,
 # packed projections; right-padded batches, no position_ids input), "plain" = standard ops only
-# (position_ids honoured, left padding works). Defaults are the first values.
+# (position_ids honoured, left padding works). kv_cache: "auto" = the scheme's (int8 for int8 and
+# int4, float otherwise; the plain graph's cache is always float), "float", or "int8" (fused graph
+# of a float32-compute scheme; exporters/onnx_kv.py). Defaults are the first values.
 OPTIONS: dict[str, tuple[str, ...]] = {
     "layout": ("transformers.js", "genai"),
     "graph": ("fused", "plain"),
+    "kv_cache": ("auto", "float", "int8"),
 }
 LAYOUT_NOTE = (
     "optimum/Transformers.js decoder IO (model.onnx with past_key_values, 2025); "
@@ -74,8 +77,10 @@ def describe_schemes() -> list[dict[str, Any]]:
             {
                 "target": f"onnx:{name}",
                 "bits_per_weight": bpw,
-                "mixture": [f"{x.role}->{x.codec}" for x in r.rules],
+                "mixture": [f"{x.role}->{x.codec}" for x in r.rules]
+                + (["kv_cache->int8"] if r.kv_cache == "int8" else []),
                 "float_dtype": r.float_dtype,
+                "kv_cache": "int8" if r.kv_cache == "int8" else r.float_dtype,
                 "transformers_js_dtype": TJS_DTYPES[name],
                 "file": TJS_FILES[name],
             }
@@ -101,6 +106,7 @@ def export_onnx(
     graph = (options or {}).get("graph", OPTIONS["graph"][0])
     recipe = RECIPES[scheme]
     spec = model.spec
+    kv_cache = _kv_cache(recipe, graph, (options or {}).get("kv_cache", OPTIONS["kv_cache"][0]))
     step = progress.Steps(quiet)
     names = set(canonical_names(spec))
 
@@ -135,8 +141,12 @@ def export_onnx(
             )
         else:
             onnx.save_model(proto, str(path))
+        kv_meta = None
+        if kv_cache == "int8":
+            step("calibrating the int8 KV cache in onnxruntime")
+            kv_meta = _int8_kv_cache(model, proto, path)
         del proto
-        _write_side_files(stage, model, scheme, rel, external, graph == "fused")
+        _write_side_files(stage, model, scheme, rel, external, graph == "fused", kv_cache)
         meta = {
             "format": "onnx",
             "target": "onnx",
@@ -144,10 +154,11 @@ def export_onnx(
             **A.source_meta(model),
             "entry_points": {"model": rel, "genai_config": "genai_config.json"},
             "tensor_types": tensor_types,
-            "options": {"layout": layout, "graph": graph},
+            "options": {"layout": layout, "graph": graph, "kv_cache": kv_cache},
             "recipe": _describe_recipe(recipe),
             "imatrix": None,  # GPTQ (below) takes whole Hessians, not the diagonal an imatrix holds
             "calibration": calibration,
+            "kv_cache": kv_meta or {"dtype": "float16" if scheme == "fp16" else "float32"},
             "layout": f"{layout}: {LAYOUT_NOTE}",
             "opset": {"ai.onnx": OPSET, "com.microsoft": 1, "ir_version": IR_VERSION},
             "tool_versions": A.tool_versions("onnx", "numpy", "torch"),
@@ -155,6 +166,57 @@ def export_onnx(
         }
         meta = A.finish(stage, meta)
     return A.Artifact(out, meta)
+
+
+def _kv_cache(recipe: Recipe, graph: str, wanted: str) -> str:
+    """The cache kind to build: "auto" resolves to the recipe's on the fused graph."""
+    if wanted == "auto":
+        return recipe.kv_cache if graph == "fused" else "float"
+    if wanted == "int8" and (graph != "fused" or recipe.float_dtype != "float32"):
+        raise ConfigError(
+            "kv_cache=int8 needs the fused graph of a float32-compute scheme (fp32, int8, int4): "
+            "it is GroupQueryAttention's quantized cache"
+        )
+    return wanted
+
+
+def _int8_kv_cache(model: CanonicalModel, proto: Any, path: Path) -> dict[str, Any]:
+    """Calibrate the cache scales on the float-cache graph just written at `path`, then rewrite
+    it with an int8 cache (exporters/onnx_kv.py)."""
+    import onnx
+
+    from smolconvert.exporters.onnx_kv import (
+        cache_maxima,
+        calibration_windows,
+        kv_scales,
+        quantize_kv_cache,
+    )
+    from smolconvert.texts import default_calibration_text
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            f"the int8 KV cache is calibrated in onnxruntime: {INSTALL_HINT} "
+            "(or export with --kv-cache float)"
+        ) from None
+    text = default_calibration_text()
+    ids = model.tokenizer.encode(text.text[: 512 * 16 * 8])
+    windows = calibration_windows(ids, model.spec)
+    if not windows:
+        raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than one window")
+    quantize_kv_cache(proto, kv_scales(cache_maxima(path, windows, model.spec), model.spec))
+    # Saving with external data moved the weights out of `proto` and left references to the data
+    # file, which stays as it is: this save rewrites the graph and keeps the small scales inline.
+    onnx.save_model(proto, str(path))
+    return {
+        "dtype": "int8",
+        "scales": "per (kv head, channel), static: max |value|; keys by the max norm of their "
+        "RoPE channel pair (exporters/onnx_kv.py)",
+        "text_name": text.name,
+        "text_sha256": text.sha256,
+        "tokens": sum(len(w) for w in windows),
+    }
 
 
 def _gptq(
@@ -223,7 +285,13 @@ def _describe_recipe(recipe: Recipe) -> dict[str, Any]:
 
 
 def _write_side_files(
-    stage: Path, model: CanonicalModel, scheme: str, rel: str, external: bool, fused: bool
+    stage: Path,
+    model: CanonicalModel,
+    scheme: str,
+    rel: str,
+    external: bool,
+    fused: bool,
+    kv_cache: str,
 ) -> None:
     """config.json (+ transformers.js_config), generation_config.json, tokenizer files and
     genai_config.json pointing at the graph by its relative path."""
@@ -232,7 +300,11 @@ def _write_side_files(
     config["transformers.js_config"] = {
         "dtype": TJS_DTYPES[scheme],
         "use_external_data_format": external,
-        "kv_cache_dtype": {TJS_DTYPES[scheme]: "float16" if scheme == "fp16" else "float32"},
+        "kv_cache_dtype": {
+            TJS_DTYPES[scheme]: "int8"
+            if kv_cache == "int8"
+            else ("float16" if scheme == "fp16" else "float32")
+        },
     }
     A.write_json(stage / "config.json", config)
     A.write_json(stage / "generation_config.json", _generation(spec))

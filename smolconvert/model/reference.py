@@ -47,6 +47,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=False)
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(q, d, bias=False)
+        # An int8 KV cache (exporters/onnx_kv.py): (k, v) scales, each (kv, D); attention then
+        # reads keys and values rounded to int8 levels, as onnxruntime's quantized cache holds them.
+        self.cache_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -66,6 +69,10 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         k = torch.cat([past_k, k], dim=2)  # (B, kv, S, D), S = P + T
         v = torch.cat([past_v, v], dim=2)
+        if self.cache_scales is not None:
+            ks, vs = (x[None, :, None, :] for x in self.cache_scales)
+            k = torch.clamp(torch.round(k / ks), -128, 127) * ks
+            v = torch.clamp(torch.round(v / vs), -128, 127) * vs
         groups = self.n_heads // self.n_kv
         s = k.shape[2]
         k_all = (

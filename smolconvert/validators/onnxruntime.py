@@ -21,7 +21,8 @@ from smolconvert.errors import CorruptFileError, MissingDependencyError
 from smolconvert.validators.runner import GenerationTiming
 
 INSTALL_HINT = "pip install 'smolconvert[onnx]'"
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# The KV cache element types: float, or int8 where GroupQueryAttention keeps a quantized cache.
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 class OnnxRuntimeRunner:

@@ -15,6 +15,7 @@ import torch
 
 from smolconvert.artifact import Artifact
 from smolconvert.exporters.onnx import TJS_DTYPES, TJS_FILES, export_onnx, stored_weights
+from smolconvert.exporters.onnx_kv import stored_cache_scales
 from smolconvert.exporters.onnx_quant import CODECS, RECIPES, dequantize, quantize
 from smolconvert.model.reference import build_reference
 from smolconvert.model.source import load_model
@@ -27,18 +28,28 @@ JS_DIR = Path(__file__).resolve().parents[1] / "js"
 
 
 def _export(
-    folder: Path, scheme: str, out: Path, layout: str = "transformers.js", graph: str = "fused"
+    folder: Path,
+    scheme: str,
+    out: Path,
+    layout: str = "transformers.js",
+    graph: str = "fused",
+    kv_cache: str = "auto",
 ) -> Artifact:
-    options = {"layout": layout, "graph": graph}
+    options = {"layout": layout, "graph": graph, "kv_cache": kv_cache}
     return export_onnx(load_model(folder), scheme, out, quiet=True, options=options)
 
 
 def _stored_reference(art: Artifact, source: Path) -> torch.nn.Module:
-    """The reference decoder on the weights the graph really holds, read back from its file."""
+    """The reference decoder on the weights the graph really holds, read back from its file, and
+    with its int8 KV cache's rounding when it has one."""
     spec = load_model(source).spec
     tensors = {n: torch.from_numpy(w) for n, w in stored_weights(art.path("model"), spec).items()}
     dtype = torch.float16 if art.meta["scheme"] == "fp16" else torch.float32
-    return build_reference(spec, tensors=tensors, dtype=dtype)
+    ref = build_reference(spec, tensors=tensors, dtype=dtype)
+    scales = stored_cache_scales(art.path("model"))
+    for layer, pair in zip(ref.model.layers, scales or [], strict=scales is not None):
+        layer.self_attn.cache_scales = tuple(torch.tensor(s) for s in pair)
+    return ref
 
 
 def _greedy(ref: torch.nn.Module, ids: list[int], n_new: int, eos: int) -> list[int]:
@@ -91,6 +102,62 @@ def test_onnxruntime_matches_reference_on_stored_weights(
         rows.append(logits[-1])
     assert past[0].shape[2] == len(IDS) - 1
     assert np.abs(np.array(rows) - got[8:-1]).max() < max(tol, 1e-5)
+
+
+def test_int8_kv_cache(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 and int4 keep the fused graph's cache as int8 with calibrated per-channel scales
+    (RoPE keys share their rotation pair's); onnxruntime reads exactly that rounding (the
+    reference with it matches to 1e-4, without it does not); `kv_cache=float` opts out."""
+    import onnx
+    from onnx import TensorProto
+
+    from smolconvert.errors import ConfigError
+    from smolconvert.exporters import onnx as onnx_exporter
+    from smolconvert.validators.onnxruntime import open_onnxruntime_runner
+
+    exact = dataclasses.replace(RECIPES["int8"], accuracy_level=0)
+    monkeypatch.setitem(onnx_exporter.RECIPES, "int8", exact)
+    art = _export(tiny_folder, "int8", tmp_path / "q")
+    proto = onnx.load(str(art.path("model")), load_external_data=False)
+    caches = [
+        i
+        for i in [*proto.graph.input, *proto.graph.output]
+        if i.name.startswith(("past_key_values.", "present."))
+    ]
+    spec = load_model(tiny_folder).spec
+    assert len(caches) == 4 * spec.n_layers
+    assert all(i.type.tensor_type.elem_type == TensorProto.INT8 for i in caches)
+    scales = stored_cache_scales(art.path("model"))
+    assert scales is not None and len(scales) == spec.n_layers
+    half = spec.head_dim // 2
+    for rope, (k, v) in zip(spec.rope_layers, scales, strict=True):
+        assert k.shape == v.shape == (spec.n_kv_heads, spec.head_dim)
+        assert (k > 0).all() and (v > 0).all()
+        assert np.array_equal(k[:, :half], k[:, half:]) == rope
+    assert art.meta["kv_cache"]["dtype"] == "int8" and art.meta["kv_cache"]["tokens"] >= 512
+    config = json.loads((art.folder / "config.json").read_text())
+    assert config["transformers.js_config"]["kv_cache_dtype"] == {"q8": "int8"}
+
+    got = open_onnxruntime_runner(str(art.path("model")), threads=2).logits(IDS)
+    ref = _stored_reference(art, tiny_folder)
+    assert np.abs(got - ref.logits(IDS).float().numpy()).max() < 1e-4
+    for layer in ref.model.layers:
+        layer.self_attn.cache_scales = None
+    assert np.abs(got - ref.logits(IDS).float().numpy()).max() > 1e-4
+    # with external data (as past 1.8 GB), the second save keeps the first's data file
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)
+    ext = _export(tiny_folder, "int8", tmp_path / "ext")
+    assert (ext.folder / "onnx" / "model_quantized.onnx_data").is_file()
+    again = open_onnxruntime_runner(str(ext.path("model")), threads=2).logits(IDS)
+    assert np.array_equal(again, got)
+
+    flt = _export(tiny_folder, "int8", tmp_path / "f", kv_cache="float")
+    assert stored_cache_scales(flt.path("model")) is None
+    assert flt.meta["kv_cache"]["dtype"] == "float32"
+    for scheme, graph in (("int8", "plain"), ("fp16", "fused")):
+        with pytest.raises(ConfigError, match="kv_cache=int8"):
+            _export(tiny_folder, scheme, tmp_path / f"bad-{scheme}", graph=graph, kv_cache="int8")
+        assert not (tmp_path / f"bad-{scheme}").exists()
 
 
 def test_embedding_blocks_wider_than_the_hidden_size(
