@@ -86,19 +86,16 @@ def kv_scales(maxima: list[tuple[np.ndarray, np.ndarray]], spec: ModelSpec) -> K
     """The int8 scales from the cache maxima: keys of RoPE layers by their rotation pair's norm
     (see the module doc), everything else by its own maximum. A channel never seen nonzero gets a
     tiny scale (its zeros stay exact)."""
-    out = []
+    out: KvScales = []
     half = spec.head_dim // 2
     for i, (k_max, v_max) in enumerate(maxima):
         if spec.rope_layers[i]:
             pair = np.sqrt(k_max[:, :half] ** 2 + k_max[:, half:] ** 2)
             k_max = np.concatenate([pair, pair], axis=1)
-        out.append(
-            tuple(
-                (np.maximum(m, 1e-6) / QMAX).astype(np.float32)  # type: ignore[misc]
-                for m in (k_max, v_max)
-            )
-        )
-    return out  # type: ignore[return-value]
+        k_scale = (np.maximum(k_max, 1e-6) / QMAX).astype(np.float32)
+        v_scale = (np.maximum(v_max, 1e-6) / QMAX).astype(np.float32)
+        out.append((k_scale, v_scale))
+    return out
 
 
 def quantize_kv_cache(proto: Any, scales: KvScales) -> None:
