@@ -107,6 +107,7 @@ def export_onnx(
     recipe = RECIPES[scheme]
     spec = model.spec
     kv_cache = _kv_cache(recipe, graph, (options or {}).get("kv_cache", OPTIONS["kv_cache"][0]))
+    cache_dtype = "int8" if kv_cache == "int8" else recipe.float_dtype
     step = progress.Steps(quiet)
     names = set(canonical_names(spec))
 
@@ -146,7 +147,7 @@ def export_onnx(
             step("calibrating the int8 KV cache in onnxruntime")
             kv_meta = _int8_kv_cache(model, proto, path)
         del proto
-        _write_side_files(stage, model, scheme, rel, external, graph == "fused", kv_cache)
+        _write_side_files(stage, model, scheme, rel, external, graph == "fused", cache_dtype)
         meta = {
             "format": "onnx",
             "target": "onnx",
@@ -158,7 +159,7 @@ def export_onnx(
             "recipe": _describe_recipe(recipe),
             "imatrix": None,  # GPTQ (below) takes whole Hessians, not the diagonal an imatrix holds
             "calibration": calibration,
-            "kv_cache": kv_meta or {"dtype": "float16" if scheme == "fp16" else "float32"},
+            "kv_cache": kv_meta or {"dtype": cache_dtype},
             "layout": f"{layout}: {LAYOUT_NOTE}",
             "opset": {"ai.onnx": OPSET, "com.microsoft": 1, "ir_version": IR_VERSION},
             "tool_versions": A.tool_versions("onnx", "numpy", "torch"),
@@ -193,18 +194,8 @@ def _int8_kv_cache(model: CanonicalModel, proto: Any, path: Path) -> dict[str, A
     )
     from smolconvert.texts import default_calibration_text
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(
-            f"the int8 KV cache is calibrated in onnxruntime: {INSTALL_HINT} "
-            "(or export with --kv-cache float)"
-        ) from None
     text = default_calibration_text()
-    ids = model.tokenizer.encode(text.text[: 512 * 16 * 8])
-    windows = calibration_windows(ids, model.spec)
-    if not windows:
-        raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than one window")
+    windows = calibration_windows(model.tokenizer, text.text, model.spec)
     quantize_kv_cache(proto, kv_scales(cache_maxima(path, windows, model.spec), model.spec))
     # Saving with external data moved the weights out of `proto` and left references to the data
     # file, which stays as it is: this save rewrites the graph and keeps the small scales inline.
@@ -291,7 +282,7 @@ def _write_side_files(
     rel: str,
     external: bool,
     fused: bool,
-    kv_cache: str,
+    cache_dtype: str,
 ) -> None:
     """config.json (+ transformers.js_config), generation_config.json, tokenizer files and
     genai_config.json pointing at the graph by its relative path."""
@@ -300,11 +291,7 @@ def _write_side_files(
     config["transformers.js_config"] = {
         "dtype": TJS_DTYPES[scheme],
         "use_external_data_format": external,
-        "kv_cache_dtype": {
-            TJS_DTYPES[scheme]: "int8"
-            if kv_cache == "int8"
-            else ("float16" if scheme == "fp16" else "float32")
-        },
+        "kv_cache_dtype": {TJS_DTYPES[scheme]: cache_dtype},
     }
     A.write_json(stage / "config.json", config)
     A.write_json(stage / "generation_config.json", _generation(spec))

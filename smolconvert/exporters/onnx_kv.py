@@ -23,12 +23,12 @@ onnxruntime-genai, which writes its cache in place, from 128 to 608 tokens of co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from smolconvert.errors import ConfigError, MissingDependencyError
 from smolconvert.model.spec import ModelSpec
 
 QMAX = 127  # int8 levels used on each side (GroupQueryAttention saturates to [-128, 127])
@@ -38,11 +38,14 @@ CALIBRATION_WINDOWS = 16
 KvScales = list[tuple[np.ndarray, np.ndarray]]  # per layer: k and v scales, (kv_heads, head_dim)
 
 
-def calibration_windows(ids: Sequence[int], spec: ModelSpec) -> list[list[int]]:
-    """Consecutive windows of the calibration token ids, as many as fit (at most 16)."""
+def calibration_windows(tokenizer: Any, text: str, spec: ModelSpec) -> list[list[int]]:
+    """Consecutive windows of the calibration text's tokens, as many as fit (at most 16)."""
     ctx = min(CALIBRATION_CTX, spec.max_position_embeddings)
+    ids = tokenizer.encode(text[: ctx * CALIBRATION_WINDOWS * 8])  # ~4 characters a token
     n = min(CALIBRATION_WINDOWS, len(ids) // ctx)
-    return [list(ids[i * ctx : (i + 1) * ctx]) for i in range(n)]
+    if n == 0:
+        raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than one window")
+    return [ids[i * ctx : (i + 1) * ctx] for i in range(n)]
 
 
 def cache_maxima(
@@ -52,8 +55,13 @@ def cache_maxima(
     `model_path` writes into its cache over `windows` (each a prefill from an empty cache)."""
     import os
 
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependencyError(
+            "the int8 KV cache is calibrated in onnxruntime: pip install 'smolconvert[onnx]' "
+            "(or export with --kv-cache float)"
+        ) from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.log_severity_level = 3
