@@ -4,14 +4,16 @@ Our rows: the shipped fused graph (GroupQueryAttention, SkipSimplifiedLayerNorma
 projections; int8 KV cache for int4 and int8) and the plain graph of standard ops, for fp32 and
 int4, the int4 graph with a float KV cache ("f32kv"), plus int8. For each model:
 size on disk, mean KLD against the fp32 reference decoder (same windows, scored second halves),
-top-1 agreement, and decode tokens/s (median of --repeats runs, interleaved across models) in two
-runtimes: plain onnxruntime (our runner, the same harness for every graph) and onnxruntime-genai
-(the builder's home).
+top-1 agreement, decode tokens/s (median of --repeats runs, interleaved across models) and the
+peak RSS of a fresh process that loads the model and decodes, in two runtimes: plain onnxruntime
+(our runner, the same harness for every graph) and onnxruntime-genai (the builder's home).
 Prints ratios ours / builder: of the whole-run medians, and paired (`paired_ratios`: the
 decoders alive together, taking turns of 16 steps, compared turn by turn), which on a shared
 machine repeated within about 2-5% where the whole-run ratios moved by 10%, from a short and a
-long prompt (--paired-contexts; the KV cache's share of a step grows with the context). Run on
-demand, never in CI:
+long prompt (--paired-contexts; the KV cache's share of a step grows with the context). The
+paired group includes a second session of the builder's model: its ratio to the first (an A/A
+control, 1.0 but for noise) shows what difference the run can resolve. Run on demand, never in
+CI:
 
     python benchmarks/onnx_vs_genai_builder.py [--source default] [--windows 4] [--threads 2]
 """
@@ -25,9 +27,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where used: peak_rss_child's process must not carry it
+    import torch
 
 
 def folder_size(path: Path) -> int:
@@ -37,6 +42,8 @@ def folder_size(path: Path) -> int:
 def kld_and_top1(
     ref_logits: list[torch.Tensor], runner, windows: list[list[int]]
 ) -> tuple[float, float]:
+    import torch
+
     klds, agree = [], []
     for ref, win in zip(ref_logits, windows, strict=True):
         half = len(win) // 2
@@ -75,6 +82,38 @@ def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
     for _ in range(n_new):
         next(steps)
     return n_new / (time.perf_counter() - start)
+
+
+def peak_rss_child(
+    runtime: str, target: Path, prompt: list[int], threads: int, n_new: int = 16
+) -> None:
+    """In a fresh process (peak_rss_mb below): open `target` in `runtime` ("ort": a graph in our
+    runner, "genai": a folder), prefill `prompt`, decode n_new steps, print the peak RSS in MB."""
+    from smolconvert.validators.latency import peak_rss_mb
+
+    if runtime == "ort":
+        from smolconvert.validators.onnxruntime import OnnxRuntimeRunner
+
+        steps = OnnxRuntimeRunner(target, threads=threads).greedy_steps(prompt)
+    else:
+        steps = genai_steps(target, prompt, len(prompt) + n_new + 2)
+    for _ in range(n_new + 1):
+        next(steps)
+    print(f"{peak_rss_mb():.1f}")
+
+
+def peak_rss_mb(runtime: str, target: Path, prompt: list[int], threads: int) -> float:
+    """Peak resident memory of a fresh process that loads `target` and decodes with it: what the
+    runtime needs for the model (weights as it holds them after load, prepacked copies, cache)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from pathlib import Path; from onnx_vs_genai_builder import peak_rss_child; "
+        f"peak_rss_child({runtime!r}, Path({str(target)!r}), {prompt!r}, {threads})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 TURN = 16  # decode steps per turn in the paired timing
@@ -150,6 +189,8 @@ def main(
     paired_rounds: int = 30,
     paired_contexts: tuple[int, ...] = (128, 2048),
 ) -> None:
+    import torch
+
     import smolconvert
     from smolconvert.model.hf_folder import save_hf_folder
     from smolconvert.model.reference import build_reference
@@ -220,14 +261,19 @@ def main(
     for name in folders:
         rows[name]["ort_tok_s"] = float(np.median(ort_runs[name]))
         rows[name]["genai_tok_s"] = float(np.median(genai_runs[name]))
+        rows[name]["ort_rss_mb"] = peak_rss_mb("ort", graphs[name], prompt, threads)
+        rows[name]["genai_rss_mb"] = peak_rss_mb("genai", folders[name], prompt, threads)
     print(f"reference (torch fp32) decode {ref_tok_s:.1f} tok/s, {threads} threads")
+    print("peak RSS: a fresh process that loads the model, prefills 128 tokens, decodes 16")
     print(
-        f"{'model':17} {'MB':>7} {'kld_mean':>9} {'top1':>6} {'ort tok/s':>10} {'genai tok/s':>12}"
+        f"{'model':17} {'MB':>7} {'kld_mean':>9} {'top1':>6} {'ort tok/s':>10} "
+        f"{'genai tok/s':>12} {'ort RSS MB':>11} {'genai RSS MB':>13}"
     )
     for name, r in rows.items():
         print(
             f"{name:17} {r['size_mb']:7.1f} {r['kld_mean']:9.5f} {r['top1']:6.3f} "
-            f"{r['ort_tok_s']:10.1f} {r['genai_tok_s']:12.1f}"
+            f"{r['ort_tok_s']:10.1f} {r['genai_tok_s']:12.1f} "
+            f"{r['ort_rss_mb']:11.0f} {r['genai_rss_mb']:13.0f}"
         )
     for mine, precision in (
         ("fp32", "fp32"),
@@ -244,7 +290,9 @@ def main(
             f"{ours['ort_tok_s'] / theirs['ort_tok_s']:.2f}x, "
             f"genai {ours['genai_tok_s'] / theirs['genai_tok_s']:.2f}x; "
             f"kld {ours['kld_mean']:.5f} vs {theirs['kld_mean']:.5f}; "
-            f"size {ours['size_mb']:.1f} vs {theirs['size_mb']:.1f} MB"
+            f"size {ours['size_mb']:.1f} vs {theirs['size_mb']:.1f} MB; peak RSS "
+            f"{ours['ort_rss_mb']:.0f} vs {theirs['ort_rss_mb']:.0f} MB (onnxruntime), "
+            f"{ours['genai_rss_mb']:.0f} vs {theirs['genai_rss_mb']:.0f} MB (genai)"
         )
     for ctx in paired_contexts if paired_rounds else ():
         # the eval text's first ctx tokens: the cache's share of a step grows with the context
@@ -254,22 +302,31 @@ def main(
             f"context {len(start)} -> {len(start) + paired_rounds * TURN}):"
         )
         for precision in precisions:
-            names = [f"builder {precision}", f"ours {precision}"]
+            # A/A control: a second session of the builder's model, timed like the others; its
+            # ratio (1.0 but for noise) is the resolution of every ratio beside it
+            builder, again = f"builder {precision}", f"builder {precision} again"
+            names = [builder, f"ours {precision}"]
             names += [n for n in graphs if n.startswith(f"ours {precision} ") and "kv" in n]
+            names.append(again)
+
+            of = {n: builder if n == again else n for n in names}  # whose files each runs
             ort_steps = {
-                n: OnnxRuntimeRunner(graphs[n], threads=threads).greedy_steps(start) for n in names
+                n: OnnxRuntimeRunner(graphs[of[n]], threads=threads).greedy_steps(start)
+                for n in names
             }
             ort_ratio = paired_ratios(ort_steps, paired_rounds)
             del ort_steps
             max_length = len(start) + paired_rounds * TURN + 2
-            genai = {n: genai_steps(folders[n], start, max_length) for n in names}
+            genai = {n: genai_steps(folders[of[n]], start, max_length) for n in names}
             genai_ratio = paired_ratios(genai, paired_rounds)
             del genai
             for n in names[1:]:
-                print(
-                    f"{n.removeprefix('ours ')}: speed ours/builder onnxruntime "
-                    f"{ort_ratio[n]:.3f}x, genai {genai_ratio[n]:.3f}x"
+                label = (
+                    f"{precision} A/A, the builder against itself"
+                    if n == again
+                    else f"{n.removeprefix('ours ')}: speed ours/builder"
                 )
+                print(f"{label}: onnxruntime {ort_ratio[n]:.3f}x, genai {genai_ratio[n]:.3f}x")
     np.set_printoptions()
 
 

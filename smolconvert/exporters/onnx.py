@@ -57,8 +57,12 @@ TJS_FILES = {
     "int4": "model_q4.onnx",
 }
 TJS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
-# Protobuf refuses messages over 2 GiB: past this, initializers go to an external data file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
+# Weights always go to an external data file beside the graph (as the genai builder writes them):
+# protobuf refuses files over 2 GiB, and onnxruntime holds a graph with inline weights twice after
+# prepacking them (measured on the default model's fp32: 887 MB resident against 685 MB with
+# external data; benchmarks/onnx_vs_genai_builder.py prints the peaks). Tensors under this many
+# bytes (shapes, scalars) stay inline.
+EXTERNAL_DATA_MIN_BYTES = 1024
 # The oldest versions we ran these files in (tests/exporters/test_onnx.py); older may work (opset 21
 # needs onnxruntime >= 1.20; MatMulNBits accuracy_level 4 needs its int8 kernel, or runs slowly).
 MIN_RUNTIME = {
@@ -128,26 +132,24 @@ def export_onnx(
     with A.staging(out) as stage:
         path = stage / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        external = proto.ByteSize() > EXTERNAL_DATA_BYTES
-        step(f"writing {rel}" + (" with external data" if external else ""))
-        if external:
-            data_name = path.name + ("_data" if layout == "transformers.js" else ".data")
-            onnx.save_model(
-                proto,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(proto, str(path))
+        # the names each client looks for: Transformers.js model.onnx_data, the builder's .data
+        data = path.with_name(path.name + ("_data" if layout == "transformers.js" else ".data"))
+        step(f"writing {rel} and its weights, {data.name}")
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=EXTERNAL_DATA_MIN_BYTES,
+        )
+        data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only (0600)
         kv_meta = None
         if kv_cache == "int8":
             step("calibrating the int8 KV cache in onnxruntime")
             kv_meta = _int8_kv_cache(model, proto, path)
         del proto
-        _write_side_files(stage, model, scheme, rel, external, graph == "fused", cache_dtype)
+        _write_side_files(stage, model, scheme, rel, graph == "fused", cache_dtype)
         meta = {
             "format": "onnx",
             "target": "onnx",
@@ -280,7 +282,6 @@ def _write_side_files(
     model: CanonicalModel,
     scheme: str,
     rel: str,
-    external: bool,
     fused: bool,
     cache_dtype: str,
 ) -> None:
@@ -290,7 +291,7 @@ def _write_side_files(
     config = spec.to_hf_config()
     config["transformers.js_config"] = {
         "dtype": TJS_DTYPES[scheme],
-        "use_external_data_format": external,
+        "use_external_data_format": True,
         "kv_cache_dtype": {TJS_DTYPES[scheme]: cache_dtype},
     }
     A.write_json(stage / "config.json", config)

@@ -70,7 +70,8 @@ def measure_latency(
     return LatencyMetrics(**answer)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB."""
     # Linux keeps ru_maxrss across fork+exec, so a child's ru_maxrss starts at the parent's RSS at
     # fork time (2+ GB when the parent holds reference scores); VmHWM belongs to this image alone.
     try:
@@ -102,7 +103,7 @@ def _child() -> None:
                     new_tokens=timing.new_tokens,
                     ttft_ms=timing.ttft_ms,
                     decode_tok_s=timing.decode_tok_s,
-                    peak_rss_mb=_peak_rss_mb(),
+                    peak_rss_mb=peak_rss_mb(),
                     runner=runner.description,
                     host=host_description(),
                 )
