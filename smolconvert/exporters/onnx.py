@@ -59,9 +59,9 @@ TJS_FILES = {
 TJS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
 # Weights always go to an external data file beside the graph (as the genai builder writes them):
 # protobuf refuses files over 2 GiB, and onnxruntime holds a graph with inline weights twice after
-# prepacking them (measured on the default model's fp32: 887 MB resident against 685 MB with
-# external data; benchmarks/onnx_vs_genai_builder.py prints the peaks). Tensors under this many
-# bytes (shapes, scalars) stay inline.
+# prepacking them (the default model's fp32 decodes at a peak RSS of 949 MB inline against 752 MB
+# with external data; benchmarks/onnx_vs_genai_builder.py prints the peaks). Tensors under this
+# many bytes (shapes, scalars) stay inline.
 EXTERNAL_DATA_MIN_BYTES = 1024
 # The oldest versions we ran these files in (tests/exporters/test_onnx.py); older may work (opset 21
 # needs onnxruntime >= 1.20; MatMulNBits accuracy_level 4 needs its int8 kernel, or runs slowly).
