@@ -84,7 +84,7 @@ def describe_schemes() -> list[dict[str, Any]]:
                 "mixture": [f"{x.role}->{x.codec}" for x in r.rules]
                 + (["kv_cache->int8"] if r.kv_cache == "int8" else []),
                 "float_dtype": r.float_dtype,
-                "kv_cache": "int8" if r.kv_cache == "int8" else r.float_dtype,
+                "kv_cache": _cache_dtype(r.kv_cache, r),
                 "transformers_js_dtype": TJS_DTYPES[name],
                 "file": TJS_FILES[name],
             }
@@ -111,7 +111,7 @@ def export_onnx(
     recipe = RECIPES[scheme]
     spec = model.spec
     kv_cache = _kv_cache(recipe, graph, (options or {}).get("kv_cache", OPTIONS["kv_cache"][0]))
-    cache_dtype = "int8" if kv_cache == "int8" else recipe.float_dtype
+    cache_dtype = _cache_dtype(kv_cache, recipe)
     step = progress.Steps(quiet)
     names = set(canonical_names(spec))
 
@@ -181,6 +181,11 @@ def _kv_cache(recipe: Recipe, graph: str, wanted: str) -> str:
             "it is GroupQueryAttention's quantized cache"
         )
     return wanted
+
+
+def _cache_dtype(kv_cache: str, recipe: Recipe) -> str:
+    """The KV cache's element type: int8 for an int8 cache, else the recipe's float type."""
+    return "int8" if kv_cache == "int8" else recipe.float_dtype
 
 
 def _int8_kv_cache(model: CanonicalModel, proto: Any, path: Path) -> dict[str, Any]:

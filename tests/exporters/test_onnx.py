@@ -145,9 +145,9 @@ def test_int8_kv_cache(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.Mo
         layer.self_attn.cache_scales = None
     assert np.abs(got - ref.logits(IDS).float().numpy()).max() > 1e-4
     # the weights are in the data file written first; the second save (the int8 cache) kept it
-    graph, data = art.path("model"), art.folder / "onnx" / "model_quantized.onnx_data"
-    assert data.stat().st_size > graph.stat().st_size
-    assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777  # not onnx's 0600
+    graph_file, data = art.path("model"), art.folder / "onnx" / "model_quantized.onnx_data"
+    assert data.stat().st_size > graph_file.stat().st_size
+    assert data.stat().st_mode & 0o777 == graph_file.stat().st_mode & 0o777  # not onnx's 0600
 
     flt = _export(tiny_folder, "int8", tmp_path / "f", kv_cache="float")
     assert stored_cache_scales(flt.path("model")) is None
