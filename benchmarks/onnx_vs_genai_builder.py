@@ -6,7 +6,11 @@ int4, the int4 graph with a float KV cache ("f32kv"), plus int8. For each model:
 size on disk, mean KLD against the fp32 reference decoder (same windows, scored second halves),
 top-1 agreement, decode tokens/s (median of --repeats runs, interleaved across models) and the
 peak RSS of a fresh process that loads the model and decodes, in two runtimes: plain onnxruntime
-(our runner, the same harness for every graph) and onnxruntime-genai (the builder's home).
+(our runner, the same harness for every graph) and onnxruntime-genai (the builder's home), both
+on --threads intra-op threads (overlaid on each genai_config.json). The builder's and our fp32
+and int4 are also timed in onnxruntime-genai as shipped, each folder's genai_config.json as
+written: ours hands the thread count to onnxruntime (physical cores), the builder's leaves
+genai's default (half the logical CPUs).
 Prints ratios ours / builder: of the whole-run medians, and paired (`paired_ratios`: the
 decoders alive together, taking turns of 16 steps, compared turn by turn), which on a shared
 machine repeated within about 2-5% where the whole-run ratios moved by 10%, from a short and a
@@ -21,6 +25,7 @@ CI:
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,11 +66,22 @@ def ort_decode_tok_s(graph: Path, threads: int, prompt: list[int], n_new: int) -
     return runner.time_generation(prompt, n_new).decode_tok_s
 
 
-def genai_steps(folder: Path, prompt: list[int], max_length: int) -> Iterator[int]:
-    """onnxruntime-genai's greedy tokens, one per next() (the first after the prefill)."""
+def genai_steps(
+    folder: Path, prompt: list[int], max_length: int, threads: int | None
+) -> Iterator[int]:
+    """onnxruntime-genai's greedy tokens, one per next() (the first after the prefill), on
+    `threads` intra-op threads, overlaid on the folder's genai_config.json so that every model
+    runs on the same count; None: as the folder's own config says (ours hands the count to
+    onnxruntime; the builder's names none, and genai then takes half the logical CPUs)."""
+    import json
+
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))
+    if threads is not None:
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, do_sample=False)
     gen = og.Generator(model, params)
@@ -75,8 +91,8 @@ def genai_steps(folder: Path, prompt: list[int], max_length: int) -> Iterator[in
         yield int(gen.get_next_tokens()[0])
 
 
-def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int) -> float:
-    steps = genai_steps(folder, prompt, len(prompt) + n_new + 1)
+def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int, threads: int | None) -> float:
+    steps = genai_steps(folder, prompt, len(prompt) + n_new + 1, threads)
     next(steps)  # the prefill, untimed
     start = time.perf_counter()
     for _ in range(n_new):
@@ -96,7 +112,7 @@ def peak_rss_child(
 
         steps = OnnxRuntimeRunner(target, threads=threads).greedy_steps(prompt)
     else:
-        steps = genai_steps(target, prompt, len(prompt) + n_new + 2)
+        steps = genai_steps(target, prompt, len(prompt) + n_new + 2, threads)
     for _ in range(n_new + 1):
         next(steps)
     print(f"{peak_rss_mb():.1f}")
@@ -254,10 +270,16 @@ def main(
     # session alive at a time (an idle session's spinning threads would slow the next one).
     ort_runs: dict[str, list[float]] = {name: [] for name in folders}
     genai_runs: dict[str, list[float]] = {name: [] for name in folders}
+    # onnxruntime-genai with each folder's genai_config.json as written, thread count included
+    as_shipped: dict[str, list[float]] = {
+        f"{who} {p}": [] for p in precisions for who in ("builder", "ours")
+    }
     for _ in range(repeats):
         for name in folders:
             ort_runs[name].append(ort_decode_tok_s(graphs[name], threads, prompt, n_new))
-            genai_runs[name].append(genai_decode_tok_s(folders[name], prompt, n_new))
+            genai_runs[name].append(genai_decode_tok_s(folders[name], prompt, n_new, threads))
+            if name in as_shipped:
+                as_shipped[name].append(genai_decode_tok_s(folders[name], prompt, n_new, None))
     for name in folders:
         rows[name]["ort_tok_s"] = float(np.median(ort_runs[name]))
         rows[name]["genai_tok_s"] = float(np.median(genai_runs[name]))
@@ -294,6 +316,15 @@ def main(
             f"{ours['ort_rss_mb']:.0f} vs {theirs['ort_rss_mb']:.0f} MB (onnxruntime), "
             f"{ours['genai_rss_mb']:.0f} vs {theirs['genai_rss_mb']:.0f} MB (genai)"
         )
+    for precision in precisions:
+        builder, ours = (
+            float(np.median(as_shipped[f"{w} {precision}"])) for w in ("builder", "ours")
+        )
+        print(
+            f"{precision} in onnxruntime-genai as shipped (each folder's own genai_config.json, "
+            f"{os.cpu_count()} CPUs): ours {ours:.1f} tok/s, builder {builder:.1f} tok/s, "
+            f"{ours / builder:.2f}x"
+        )
     for ctx in paired_contexts if paired_rounds else ():
         # the eval text's first ctx tokens: the cache's share of a step grows with the context
         start = ids[:ctx]
@@ -317,7 +348,7 @@ def main(
             ort_ratio = paired_ratios(ort_steps, paired_rounds)
             del ort_steps
             max_length = len(start) + paired_rounds * TURN + 2
-            genai = {n: genai_steps(folders[of[n]], start, max_length) for n in names}
+            genai = {n: genai_steps(folders[of[n]], start, max_length, threads) for n in names}
             genai_ratio = paired_ratios(genai, paired_rounds)
             del genai
             for n in names[1:]:
@@ -334,7 +365,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="default")
     parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="intra-op threads for onnxruntime, onnxruntime-genai and the torch reference",
+    )
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--skip-fp32", action="store_true", help="builder and ours int4/int8 only")
     parser.add_argument("--no-reference-speed", action="store_true", help="skip timing torch")

@@ -410,6 +410,9 @@ def test_onnxruntime_genai_runs_the_genai_layout_like_the_reference(
 
     folder = tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
     art = _export(folder, scheme, tmp_path / "genai", layout="genai", graph=graph)
+    # onnxruntime's thread count (physical cores), not genai's default of half the logical CPUs
+    config = json.loads((art.folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
     prompt = IDS[:6]
     model = og.Model(str(art.folder))
     params = og.GeneratorParams(model)
