@@ -321,7 +321,7 @@ def genai_config(spec: ModelSpec, filename: str, fused: bool) -> dict[str, Any]:
 
     `intra_op_num_threads: 0` hands the thread count to onnxruntime, which counts physical cores.
     Left unset (as the builder leaves it), genai takes half the logical CPUs, which assumes two
-    hyperthreads per core: on a machine without them (Apple silicon, phones, most cloud VMs) it
+    hyperthreads per core: on a machine without them (Apple silicon, phones, many cloud VMs) it
     decodes on half the cores (measured on a 2-core VM: fp32 decode at 29 tokens/s against 45)."""
     eos = spec.eos_token_id if spec.eos_token_id is not None else 0
     inputs = {
