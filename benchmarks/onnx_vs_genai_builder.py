@@ -103,8 +103,9 @@ def genai_decode_tok_s(folder: Path, prompt: list[int], n_new: int, threads: int
 def peak_rss_child(
     runtime: str, target: Path, prompt: list[int], threads: int, n_new: int = 16
 ) -> None:
-    """In a fresh process (peak_rss_mb below): open `target` in `runtime` ("ort": a graph in our
-    runner, "genai": a folder), prefill `prompt`, decode n_new steps, print the peak RSS in MB."""
+    """In a fresh process (fresh_process_peak_rss_mb below): open `target` in `runtime` ("ort":
+    a graph in our runner, "genai": a folder), prefill `prompt`, decode n_new steps, print the
+    peak RSS in MB."""
     from smolconvert.validators.latency import peak_rss_mb
 
     if runtime == "ort":
@@ -118,7 +119,7 @@ def peak_rss_child(
     print(f"{peak_rss_mb():.1f}")
 
 
-def peak_rss_mb(runtime: str, target: Path, prompt: list[int], threads: int) -> float:
+def fresh_process_peak_rss_mb(runtime: str, target: Path, prompt: list[int], threads: int) -> float:
     """Peak resident memory of a fresh process that loads `target` and decodes with it: what the
     runtime needs for the model (weights as it holds them after load, prepacked copies, cache)."""
     code = (
@@ -283,8 +284,10 @@ def main(
     for name in folders:
         rows[name]["ort_tok_s"] = float(np.median(ort_runs[name]))
         rows[name]["genai_tok_s"] = float(np.median(genai_runs[name]))
-        rows[name]["ort_rss_mb"] = peak_rss_mb("ort", graphs[name], prompt, threads)
-        rows[name]["genai_rss_mb"] = peak_rss_mb("genai", folders[name], prompt, threads)
+        rows[name]["ort_rss_mb"] = fresh_process_peak_rss_mb("ort", graphs[name], prompt, threads)
+        rows[name]["genai_rss_mb"] = fresh_process_peak_rss_mb(
+            "genai", folders[name], prompt, threads
+        )
     print(f"reference (torch fp32) decode {ref_tok_s:.1f} tok/s, {threads} threads")
     print("peak RSS: a fresh process that loads the model, prefills 128 tokens, decodes 16")
     print(
