@@ -32,15 +32,18 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "export", "load", "merge_releases", "release", "validate"]
 
 
-def load(source: str | Path, *, allow_pickle: bool = False) -> CanonicalModel:
+def load(
+    source: str | Path, *, allow_pickle: bool = False, strict_config: bool = False
+) -> CanonicalModel:
     """Open a model: a Hugging Face folder, a .gguf file, or "default" (SmolLM2-135M-Instruct).
 
     Nothing is read beyond headers until a tensor is asked for. PyTorch pickle checkpoints are
-    refused unless `allow_pickle=True`.
+    refused unless `allow_pickle=True`. config.json fields smolconvert does not know are named in
+    a `ConfigWarning` and recorded in artifact.json; `strict_config=True` refuses them instead.
     """
     from smolconvert.model.source import load_model
 
-    return load_model(source, allow_pickle=allow_pickle)
+    return load_model(source, allow_pickle=allow_pickle, strict_config=strict_config)
 
 
 def export(
@@ -52,6 +55,9 @@ def export(
     imatrix: bool = False,
     options: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    strict_config: bool = False,
     quiet: bool = True,
 ) -> Artifact:
     """Export `source` to a target such as "gguf:q4_k_m" into the folder `out`.
@@ -60,24 +66,36 @@ def export(
     `imatrix_text` file) quantizers weight their error by activation importance collected from
     calibration text (default: the second half of CPython's pydoc topics). `options` are the
     family's own choices, e.g. {"layout": "genai"} for ONNX or {"mlc_scales": "search"} for MLC
-    (`smolconvert export --list` shows them all); unknown keys or values are errors.
+    (`smolconvert export --list` shows them all); unknown keys or values are errors. Weights
+    holding NaN or infinities are refused (every such tensor named) unless `allow_nonfinite=True`.
+    An existing `out` that smolconvert did not write is refused unless `overwrite=True`; the input
+    model, the working folder and any folder holding them are never replaced.
     """
+    from smolconvert import artifact as A
     from smolconvert.exporters import parse_target
+    from smolconvert.progress import Steps
     from smolconvert.texts import default_calibration_text, load_text
 
     family, scheme = parse_target(to)
     resolved = family.resolve_options(options)
-    model = load(source, allow_pickle=allow_pickle)
+    model = load(source, allow_pickle=allow_pickle, strict_config=strict_config)
     folder = Path(out) if out is not None else Path(f"{model.name}-{family.name}-{scheme}")
+    policy = A.OutputPolicy(overwrite=overwrite, protect=A.input_paths(model), note=Steps(quiet))
+    A.check_output(folder, policy)  # refuse a bad folder before any long work
+    if not allow_nonfinite:
+        from smolconvert.model.weights import check_finite
+
+        check_finite(model.weights, model.spec)
     matrix = None
     if imatrix or imatrix_text is not None:
         from smolconvert.model.imatrix import collect_imatrix
 
         text = load_text(imatrix_text, default_calibration_text())
         matrix = collect_imatrix(model, text, quiet=quiet)
-    return family.export(  # type: ignore[no-any-return]
-        model, scheme, folder, imatrix=matrix, options=resolved, quiet=quiet
-    )
+    with A.output_policy(policy):
+        return family.export(  # type: ignore[no-any-return]
+            model, scheme, folder, imatrix=matrix, options=resolved, quiet=quiet
+        )
 
 
 def validate(
@@ -114,7 +132,7 @@ def validate(
     if is_artifact(source):
         from smolconvert.validators.validate import validate_artifact
 
-        art = Artifact.load(source)
+        art = Artifact.load(source, hashes=True)  # a flipped byte must not be measured as ours
         model = load(art.meta["source"], allow_pickle=allow_pickle)
         return validate_artifact(art, model, text, options)
     if dtype not in TORCH_DTYPES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,28 +19,59 @@ import click
 import smolconvert
 from smolconvert.errors import SmolconvertError
 
-SOURCE_HELP = "SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M)."
+STRICT_HELP = (
+    "Refuse config.json fields smolconvert does not know (default: warn, record them in "
+    "artifact.json and go on)."
+)
+
+
+def _show_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"warning: {_one_line(str(message))}", err=True)
+
+
+def _one_line(text: str) -> str:
+    """Messages from libraries (torch, safetensors) may span lines; the CLI prints one."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Every user mistake, click's usage errors included, is one `error:` line and exit 2."""
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
-        except SmolconvertError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except Exception as e:
-            if ctx.params.get("debug"):
-                traceback.print_exc()
-            else:
-                click.echo(
-                    f"internal error (a bug in smolconvert): {type(e).__name__}: {e}; "
-                    "rerun with --debug for the traceback",
-                    err=True,
-                )
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
             sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare group: its help, as click does
+            click.echo(e.format_message())
+            sys.exit(0)
+        except click.ClickException as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+            click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except SmolconvertError as e:
+                click.echo(f"error: {_one_line(str(e))}", err=True)
+                sys.exit(2)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
+            except Exception as e:
+                if ctx.params.get("debug"):
+                    traceback.print_exc()
+                else:
+                    click.echo(
+                        f"internal error (a bug in smolconvert): {type(e).__name__}: "
+                        f"{_one_line(str(e))}; rerun with --debug for the traceback",
+                        err=True,
+                    )
+                sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,12 +85,13 @@ def cli(debug: bool) -> None:
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
 @click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
-def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
+@click.option("--strict-config", is_flag=True, help=STRICT_HELP)
+def inspect(source: str, as_json: bool, allow_pickle: bool, strict_config: bool) -> None:
     """Describe a model: architecture, sizes, tokenizer, special ids, where the weights came from.
 
     SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
     """
-    model = smolconvert.load(source, allow_pickle=allow_pickle)
+    model = smolconvert.load(source, allow_pickle=allow_pickle, strict_config=strict_config)
     info = _describe(model)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
@@ -80,6 +113,8 @@ def inspect(source: str, as_json: bool, allow_pickle: bool) -> None:
         "  files:       "
         + ", ".join(f"{f['path']} ({f['size_bytes'] / 1e6:.1f} MB)" for f in info["files"]),
     ]
+    if model.ignored_config_fields:
+        lines.append("  ignored:     " + ", ".join(model.ignored_config_fields))
     click.echo("\n".join(lines))
 
 
@@ -110,6 +145,7 @@ def _describe(model: Any) -> dict[str, Any]:
         "files": files,
         "size_bytes": sum(f["size_bytes"] for f in files),
         "metadata": model.metadata,
+        "ignored_config_fields": list(model.ignored_config_fields),
     }
 
 
@@ -160,6 +196,15 @@ def _describe(model: Any) -> dict[str, Any]:
 )
 @click.option("--list", "list_schemes", is_flag=True, help="List every target with bits/weight.")
 @click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
+@click.option(
+    "--allow-nonfinite", is_flag=True, help="Convert weights that hold NaN or infinities."
+)
+@click.option("--strict-config", is_flag=True, help=STRICT_HELP)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT even if it is not a smolconvert artifact (never the input model).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print artifact.json to stdout.")
 def export(
     source: str | None,
@@ -339,6 +384,8 @@ def release_merge(dirs: tuple[Path, ...], out: Path) -> None:
 
 
 def _finish_release(result: Any, json_events: bool) -> None:
+    if not result.manifest:  # an empty shard: nothing was built or written
+        return
     if not json_events:
         click.echo((result.out / "report.md").read_text(encoding="utf-8"))
     click.echo(f"release: {result.out} in {result.wall_s:.0f} s", err=True)

@@ -29,3 +29,8 @@ class MissingDependencyError(SmolconvertError):
 
 class ValidationError(SmolconvertError):
     """An artifact failed a quality or consistency check."""
+
+
+class ConfigWarning(UserWarning):
+    """Something in the input was ignored that the user should know about (the CLI prints it as
+    one `warning:` line)."""

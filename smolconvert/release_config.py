@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ RELEASE_KEYS = {
     "windows": "windows scored per artifact (default 8)",
     "latency": "time every artifact (default true)",
     "threads": "CPU threads for runners (default: all)",
+    "strict_config": "refuse config.json fields smolconvert does not know (default false: warn)",
+    "allow_nonfinite": "convert weights holding NaN or infinities (default false: refuse)",
 }
 TARGET_KEYS = {
     "target": "family:scheme, e.g. gguf:q4_k_m",
@@ -75,6 +78,8 @@ class ReleaseConfig:
     windows: int = 8
     latency: bool = True
     threads: int | None = None
+    strict_config: bool = False
+    allow_nonfinite: bool = False
 
     def sha256(self) -> str:
         """What the release builds and measures (not where it writes)."""
@@ -191,9 +196,16 @@ def _from_dict(data: dict[str, Any], base: Path, lines: _Lines, where: str) -> R
             )
         return int(value)
 
-    latency = rel.get("latency", True)
-    if not isinstance(latency, bool):
-        raise ConfigError(f"{where} [release]: latency must be true or false, got {latency!r}")
+    def flag(key: str, default: bool) -> bool:
+        value = rel.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(
+                f"{where} [release]{lines.find(key, '[release]')}: {key} must be true or false, "
+                f"got {value!r}"
+            )
+        return value
+
+    latency = flag("latency", True)
     targets = _targets(data.get("targets"), lines, where, latency)
     return ReleaseConfig(
         source=source,
@@ -205,6 +217,8 @@ def _from_dict(data: dict[str, Any], base: Path, lines: _Lines, where: str) -> R
         windows=integer("windows", 8, 1) or 8,
         latency=latency,
         threads=integer("threads", None, 1),
+        strict_config=flag("strict_config", False),
+        allow_nonfinite=flag("allow_nonfinite", False),
     )
 
 
@@ -248,7 +262,9 @@ def _targets(raw: Any, lines: _Lines, where: str, latency: bool) -> tuple[Target
                 raise _unknown(
                     where, f"[[targets]] #{n + 1} budget", key, dict.fromkeys(BUDGET_KEYS, ""), line
                 )
-        budget = check_budget_keys(budget_raw, here)
+        budget = check_budget_keys(
+            budget_raw, here, line=partial(lines.find, header="[[targets]]", nth=n)
+        )
         timed = t.get("latency", latency)
         if not isinstance(timed, bool):
             raise ConfigError(f"{here}: latency must be true or false, got {timed!r}")

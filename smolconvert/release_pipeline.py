@@ -5,8 +5,11 @@ Everything is cached by content. An artifact folder records the key it was built
 target, options, calibration text, smolconvert's code and the family's library versions) and the
 key it was validated with (plus the evaluation text and protocol); a run that finds both keys equal
 does no work for that target, so a re-run with nothing changed exports nothing, and an interrupted
-run resumes at the first target without a finished artifact. Shards build stable subsets of the
-targets; merge joins shard outputs into one release.
+run resumes at the first target without a finished artifact. Nothing cached is trusted without its
+hash: an artifact whose artifact.json or files do not match their sha256, or an unreadable timing
+cache, is rebuilt or re-measured with a note. One release at a time writes an output folder (a lock
+beside it; a second run waits). Shards build stable subsets of the targets; an empty shard writes
+nothing; merge joins shard outputs into one release.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from smolconvert import __version__
-from smolconvert.artifact import ARTIFACT_FILE, Artifact, sha256_file, tool_versions, write_json
+from smolconvert import artifact as A
+from smolconvert.artifact import ARTIFACT_FILE, Artifact, tool_versions, write_json
 from smolconvert.errors import ConfigError, CorruptFileError
 from smolconvert.release_config import ReleaseConfig, TargetConfig, load_config
 from smolconvert.validators import gates, report
@@ -96,27 +100,64 @@ def release(
 ) -> ReleaseResult:
     """Build, validate and gate every target of `config` (or of one shard), then write the manifest
     and reports into the config's output folder. Gate failures are in the result, not raised."""
-    from smolconvert.exporters import FAMILIES
-    from smolconvert.model.source import load_model
-    from smolconvert.texts import default_calibration_text, load_text
-    from smolconvert.validators.quality import load_eval_text
-
     cfg = config if isinstance(config, ReleaseConfig) else load_config(config)
     targets = cfg.targets if shard is None else cfg.shard(*shard)
     progress = _Progress(quiet, events)
+    if shard is not None and not targets:
+        # A manifest written now would list no artifacts and replace a real release's manifest.
+        progress(
+            "empty_shard",
+            f"shard {shard[0]}/{shard[1]} has no targets ({len(cfg.targets)} targets in "
+            f"{shard[1]} shards): nothing built, nothing written",
+        )
+        return ReleaseResult(cfg.out, {}, wall_s=progress.elapsed())
     progress(
         "start",
         f"release of {cfg.source}: {len(targets)} targets into {cfg.out}"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else ""),
         targets=[t.name for t in targets],
     )
-    model = load_model(cfg.source)
+    _prepare_out(cfg.out)
+    with A.folder_lock(cfg.out, lambda message: progress("wait", message)):
+        return _run(cfg, targets, shard, force, progress)
+
+
+def _prepare_out(out: Path) -> None:
+    for folder in (out, *out.parents):
+        if os.path.lexists(folder):
+            if not folder.is_dir():
+                raise ConfigError(f"release output {out}: {folder} is a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the release folder {out}: {e.strerror}") from None
+
+
+def _run(
+    cfg: ReleaseConfig,
+    targets: tuple[TargetConfig, ...],
+    shard: tuple[int, int] | None,
+    force: bool,
+    progress: _Progress,
+) -> ReleaseResult:
+    from smolconvert.exporters import FAMILIES
+    from smolconvert.model.source import load_model
+    from smolconvert.texts import default_calibration_text, load_text
+    from smolconvert.validators.quality import load_eval_text
+
+    model = load_model(cfg.source, strict_config=cfg.strict_config)
     eval_text = load_eval_text(cfg.eval_text)
     calibration = load_text(cfg.calibration_text, default_calibration_text())
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    policy = A.OutputPolicy(
+        protect=A.input_paths(model),
+        replace_damaged=True,  # the release's own folder whose artifact.json is unreadable
+        note=lambda message: progress("wait", message),
+    )
     validate_code = code_sha256(*VALIDATE_CODE)
     result = ReleaseResult(cfg.out, {})
     imatrix = None
+    finite_checked = False
     entries = []
     for n, t in enumerate(targets, 1):
         family = FAMILIES[t.family]
@@ -134,8 +175,19 @@ def release(
                 "libraries": tool_versions(*family.libraries),
             }
         )
-        art = None if force else _cached(folder, build_key)
+        art, why = (None, "") if force else _cached(folder, build_key)
+        if why:
+            progress(
+                "cache_invalid",
+                f"{label}: rebuilding, the cached one is damaged: {why}",
+                target=t.name,
+            )
         if art is None:
+            if not (finite_checked or cfg.allow_nonfinite):  # once, when building
+                from smolconvert.model.weights import check_finite
+
+                check_finite(model.weights, model.spec)
+                finite_checked = True
             if t.imatrix and imatrix is None:
                 from smolconvert.model.imatrix import collect_imatrix
 
@@ -147,16 +199,16 @@ def release(
                 )
                 imatrix = collect_imatrix(model, calibration, quiet=True)
             progress("export", f"{label}: exporting {t.target} (next: validate)", target=t.name)
-            _remove_partials(folder)
-            art = family.export(
-                model,
-                t.scheme,
-                folder,
-                imatrix=imatrix if t.imatrix else None,
-                options=t.options,
-                quiet=True,
-            )
-            art.meta["build_key"] = build_key
+            with A.output_policy(policy):
+                art = family.export(
+                    model,
+                    t.scheme,
+                    folder,
+                    imatrix=imatrix if t.imatrix else None,
+                    options=t.options,
+                    quiet=True,
+                )
+            art.meta = A.seal(dict(art.meta, build_key=build_key))
             write_json(folder / ARTIFACT_FILE, art.meta)
             result.built.append(t.name)
         else:
@@ -181,7 +233,7 @@ def release(
                 target=t.name,
             )
             _validate(art, model, eval_text, cfg, t.latency)
-            art.meta["validation_key"] = validation_key
+            art.meta = A.seal(dict(art.meta, validation_key=validation_key))
             write_json(folder / ARTIFACT_FILE, art.meta)
             result.validated.append(t.name)
         else:
@@ -218,26 +270,18 @@ def release(
     return result
 
 
-def _cached(folder: Path, build_key: str) -> Artifact | None:
-    """The artifact in `folder` if it was built from `build_key` and its files are intact."""
+def _cached(folder: Path, build_key: str) -> tuple[Artifact | None, str]:
+    """The artifact in `folder` if it was built from `build_key` and artifact.json and every file
+    match their sha256; else None and, when something was there but unusable, why."""
     if not (folder / ARTIFACT_FILE).is_file():
-        return None
+        return None, ""
     try:
-        art = Artifact.load(folder)
-    except (CorruptFileError, ConfigError):
-        return None
+        art = Artifact.load(folder, hashes=True)
+    except (CorruptFileError, ConfigError) as e:
+        return None, str(e)
     if art.meta.get("build_key") != build_key:
-        return None
-    for f in art.meta["files"]:
-        if sha256_file(folder / f["path"]) != f["sha256"]:
-            return None
-    return art
-
-
-def _remove_partials(folder: Path) -> None:
-    """Staging folders left by a killed run (`.NAME.partial-PID`) are never resumed from."""
-    for stale in folder.parent.glob(f".{folder.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        return None, ""  # built from other inputs: an ordinary rebuild
+    return art, ""
 
 
 def _validate(art: Artifact, model: Any, text: Any, cfg: ReleaseConfig, latency: bool) -> None:
@@ -273,13 +317,20 @@ def _reference_latency(
     )
     path = cfg.out / REFERENCE_FILE
     if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            sound = isinstance(cached, dict) and isinstance(cached.get("latency"), dict)
+            sound = sound and cached.get("sha256") == _key(cached["latency"])
+        except (OSError, ValueError):
+            sound = False
+        if not sound:
+            progress("cache_invalid", f"{path.name} is damaged or edited; timing again")
+        elif cached.get("key") == key:
             return cached["latency"]  # type: ignore[no-any-return]
     progress("reference_latency", "timing the fp32 reference decoder (next: manifest and report)")
     windows = tokenize_windows(model.tokenizer, text, cfg.ctx, 1)
     latency = measure_reference_latency(model, windows, cfg.threads).to_dict()
-    write_json(path, {"key": key, "latency": latency})
+    write_json(path, {"key": key, "latency": latency, "sha256": _key(latency)})
     return latency
 
 
@@ -380,28 +431,32 @@ def merge(dirs: list[str | Path], out: str | Path) -> ReleaseResult:
                     f"cannot merge {d}: its {key} {m[key][:12]}... differs from "
                     f"{manifests[0][0]}'s {first[key][:12]}... (different config or model)"
                 )
-    entries: dict[str, dict[str, Any]] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    for d, m in manifests:
-        for e in m["artifacts"]:
-            if e["name"] in entries and entries[e["name"]]["build_key"] != e["build_key"]:
-                raise ConfigError(f"artifact {e['name']} is in two shards with different builds")
-            src = (d / e["folder"]).resolve()
-            dst = out / Path(e["folder"]).name
-            if src != dst.resolve():
-                if dst.exists():
-                    shutil.rmtree(dst)
-                _link_tree(src, dst)
-            entries[e["name"]] = dict(e, folder=dst.name)
-    reference = next((m["reference_latency"] for _, m in manifests if m["reference_latency"]), None)
-    manifest = dict(
-        first,
-        shard=None,
-        reference_latency=reference,
-        artifacts=sorted(entries.values(), key=lambda e: e["name"]),
-    )
-    wall = time.perf_counter() - start
-    write_outputs(out, manifest, wall)
+    _prepare_out(out)
+    with A.folder_lock(out), A.output_policy(A.OutputPolicy(replace_damaged=True)):
+        entries: dict[str, dict[str, Any]] = {}
+        for d, m in manifests:
+            for e in m["artifacts"]:
+                if e["name"] in entries and entries[e["name"]]["build_key"] != e["build_key"]:
+                    raise ConfigError(
+                        f"artifact {e['name']} is in two shards with different builds"
+                    )
+                src = (d / e["folder"]).resolve()
+                dst = out / Path(e["folder"]).name
+                if src != dst.resolve():
+                    with A.staging(dst) as stage:  # swapped in whole; a foreign dst is refused
+                        _link_tree(src, stage)
+                entries[e["name"]] = dict(e, folder=dst.name)
+        reference = next(
+            (m["reference_latency"] for _, m in manifests if m["reference_latency"]), None
+        )
+        manifest = dict(
+            first,
+            shard=None,
+            reference_latency=reference,
+            artifacts=sorted(entries.values(), key=lambda e: e["name"]),
+        )
+        wall = time.perf_counter() - start
+        write_outputs(out, manifest, wall)
     failures = [
         gates.GateFailure(**{k: f[k] for k in ("target", "metric", "budget", "value")})
         for e in manifest["artifacts"]
@@ -417,4 +472,4 @@ def _link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, dst, copy_function=link)
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)

@@ -69,8 +69,40 @@ def test_bad_config_exits_2(tmp_path) -> None:
     assert result.exit_code == 2 and "model_type 'gpt2' is not supported" in result.stderr
 
 
-def test_click_usage_errors_exit_2(tiny_folder) -> None:
-    assert run("validate", str(tiny_folder), "--dtype", "int3").exit_code == 2
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("validate", "{folder}", "--dtype", "int3"), "--dtype"),
+        (("export", "--foo"), "--foo"),
+        (("export",), "give SOURCE"),
+        (("nosuch",), "nosuch"),
+        (("validate", "{folder}", "--ctx", "2"), "--ctx"),
+        (("release", "run"), "CONFIG"),
+    ],
+)
+def test_click_usage_errors_are_one_error_line_and_exit_2(tiny_folder, args, message) -> None:
+    result = run(*(a.format(folder=tiny_folder) for a in args))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_pickle_refusal_and_library_errors_are_one_line(tmp_path) -> None:
+    from tests import tiny
+
+    folder = tiny.write_folder(tmp_path / "m", tiny.config("llama"))
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle at all\nsecond line\n")
+    for extra in ((), ("--allow-pickle",)):
+        result = run("inspect", str(folder), *extra)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_bare_command_shows_help() -> None:
+    result = run()
+    assert result.exit_code == 0 and "Usage:" in result.stdout
 
 
 @pytest.mark.slow

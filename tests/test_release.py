@@ -201,3 +201,187 @@ def test_dict_config_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     cfg = load_config({"release": {"source": "default"}, "targets": [{"target": "gguf:q8_0"}]})
     assert cfg.targets[0].name == "gguf-q8_0" and cfg.source == "default"
+
+
+# ---- shards, locks and caches that must not be trusted blindly (issue 23) ----
+
+
+def small_config(tmp: Path) -> Path:
+    """Two fast targets on the smallest tiny model, no latency: for tests of the machinery."""
+    tiny.write_folder(tmp / "model", tiny.config("llama"))
+    cfg = tmp / "release.toml"
+    cfg.write_text(
+        '[release]\nsource = "model"\nout = "out"\nctx = 32\nwindows = 1\nlatency = false\n'
+        '[[targets]]\ntarget = "gguf:q8_0"\n[[targets]]\ntarget = "gguf:f16"\n'
+    )
+    return cfg
+
+
+def test_empty_shard_keeps_the_manifest(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"artifacts": ["the full release"]}')
+    before = sorted(p.name for p in out.iterdir())
+    result = CliRunner().invoke(cli, ["release", str(cfg), "--shard", "5/5"])
+    assert result.exit_code == 0, result.stderr
+    assert "shard 5/5 has no targets" in result.stderr
+    assert (out / "manifest.json").read_text() == '{"artifacts": ["the full release"]}'
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out", "release.toml"]
+
+
+def test_damaged_cache_is_rebuilt_with_a_note(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path)
+    out = tmp_path / "out"
+    smolconvert.release(cfg)
+    q8, f16 = out / "model-gguf-q8_0", out / "model-gguf-f16"
+
+    def rerun() -> tuple[list[str], list[str]]:
+        events: list[dict] = []
+        result = smolconvert.release(cfg, events=events.append)
+        assert sorted(a["name"] for a in result.manifest["artifacts"]) == [
+            "gguf-f16",
+            "gguf-q8_0",
+        ]
+        notes = [e["target"] for e in events if e["event"] == "cache_invalid"]
+        return sorted(result.built), sorted(notes)
+
+    (q8 / "artifact.json").write_text("[]")
+    gguf_file = next(f16.glob("*.gguf"))
+    data = bytearray(gguf_file.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor: same size, different bytes
+    gguf_file.write_bytes(bytes(data))
+    assert rerun() == (["gguf-f16", "gguf-q8_0"], ["gguf-f16", "gguf-q8_0"])
+
+    (q8 / "artifact.json").write_text('{"files": 5}')
+    meta = (f16 / "artifact.json").read_text()
+    kld = json.loads(meta)["validation"]["quality"]["kld_mean"]
+    last = repr(kld)[-1]  # flip one bit of the last digit of a measured metric
+    flipped = meta.replace(repr(kld), repr(kld)[:-1] + chr(ord(last) ^ 1), 1)
+    assert flipped != meta
+    (f16 / "artifact.json").write_text(flipped)
+    assert rerun() == (["gguf-f16", "gguf-q8_0"], ["gguf-f16", "gguf-q8_0"])
+    assert rerun() == ([], [])  # and what was rebuilt is trusted again
+
+
+def test_damaged_reference_latency_cache_is_measured_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smolconvert import release_pipeline as R
+    from smolconvert.validators import validate as V
+    from smolconvert.validators.quality import load_eval_text
+
+    cfg = load_config(small_config(tmp_path))
+    cfg.out.mkdir()
+    model = smolconvert.load(cfg.source)
+    text = load_eval_text(None)
+    measured: list[float] = []
+
+    class Timing:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def to_dict(self) -> dict:
+            return {"decode_tok_s": self.value}
+
+    def fake_measure(model, windows, threads):  # noqa: ANN001, ANN202
+        measured.append(100.0 + len(measured))
+        return Timing(measured[-1])
+
+    monkeypatch.setattr(V, "measure_reference_latency", fake_measure)
+    events: list[dict] = []
+    progress = R._Progress(True, events.append)
+    first = R._reference_latency(cfg, model, text, "code", progress)
+    assert R._reference_latency(cfg, model, text, "code", progress) == first  # cached
+    path = cfg.out / R.REFERENCE_FILE
+    good = path.read_text()
+    for damaged in (good[: len(good) // 2], good.replace("100.0", "101.0"), "[]"):
+        path.write_text(damaged)
+        again = R._reference_latency(cfg, model, text, "code", progress)
+        assert again == {"decode_tok_s": measured[-1]} and measured[-1] > 100.0
+    assert len(measured) == 4
+    assert [e["event"] for e in events].count("cache_invalid") == 3
+
+
+SLOW_RELEASE = """
+import sys, time
+from pathlib import Path
+import smolconvert.artifact as A
+real, go = A.finish, Path(sys.argv[1])
+def slow(stage, meta):  # hold the first staging folder open until the test says go
+    deadline = time.monotonic() + 120
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return real(stage, meta)
+A.finish = slow
+from smolconvert.cli import cli
+cli.main(args=sys.argv[2:], prog_name="smolconvert")
+"""
+
+
+def test_parallel_releases_on_one_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from smolconvert.artifact import Artifact
+
+    cfg = small_config(tmp_path)
+    out, go = tmp_path / "out", tmp_path / "go"
+    root = Path(__file__).resolve().parents[1]
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RELEASE, str(go), "release", str(cfg)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(".partial-" in p.name for p in out.iterdir())):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.02)
+    # the first release is mid-export: start a second on the same config
+    second = subprocess.Popen(
+        [sys.executable, "-m", "smolconvert.cli", "release", str(cfg)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second_err = []
+    while line := second.stderr.readline():  # until it waits for the lock, or ends
+        second_err.append(line)
+        if "waiting for another smolconvert process" in line:
+            break
+    go.touch()
+    second_err.append(second.communicate(timeout=300)[1])
+    first_err = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, first_err
+    assert second.returncode == 0, second_err
+    assert "waiting for another smolconvert process" in "".join(second_err)
+    assert "built 0, validated 0" in "".join(second_err)  # it found the first one's work done
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(a["name"] for a in manifest["artifacts"]) == ["gguf-f16", "gguf-q8_0"]
+    for a in manifest["artifacts"]:
+        Artifact.load(out / a["folder"], hashes=True)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and "partial" in p.name]
+
+
+def test_release_refuses_non_finite_weights_before_building(tmp_path: Path) -> None:
+    from tests.model.test_weights import with_non_finite
+
+    cfg = tiny.config("llama", hidden_size=256, intermediate_size=512)
+    tiny.write_folder(tmp_path / "model", cfg, tensors=with_non_finite(cfg))
+    config = write_config(tmp_path)
+    result = CliRunner().invoke(cli, ["release", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NaN or infinite values" in errors[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    # allow_nonfinite skips the check; then the quantizer itself refuses what it cannot store
+    config.write_text(
+        config.read_text().replace("[release]\n", "[release]\nallow_nonfinite = true\n")
+    )
+    again = CliRunner().invoke(cli, ["release", str(config)])
+    assert again.exit_code == 2 and "a quantized type cannot represent them" in again.stderr

@@ -195,6 +195,8 @@ def _write_tokenizer(w: gguf.GGUFWriter, model: CanonicalModel) -> None:
     # llama.cpp's converter forces add_bos_token=False for 49152-token vocabularies (all SmolLM).
     w.add_add_bos_token(bool(special.add_bos) and model.spec.vocab_size != 49152)
     w.add_add_eos_token(False)  # encode() never appends eos
+    if tok.add_space_prefix is not None:  # llama.cpp conversion/llama.py set_vocab
+        w.add_add_space_prefix(tok.add_space_prefix)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
 

@@ -7,14 +7,15 @@ config.json vocabulary ModelSpec reads, so there is one code path for sizes and 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from smolconvert.errors import ConfigError, CorruptFileError, UnsupportedError
+from smolconvert.errors import ConfigError, ConfigWarning, CorruptFileError, UnsupportedError
 from smolconvert.model import weights as W
-from smolconvert.model.spec import ModelSpec
+from smolconvert.model.spec import ModelSpec, read_config, unknown_config_fields
 from smolconvert.model.tokenizer import Tokenizer
 
 
@@ -27,6 +28,8 @@ class CanonicalModel:
     origin: str  # where the weights really come from, said plainly
     name: str  # short name for artifact folders
     metadata: dict[str, Any] = field(default_factory=dict)
+    # config.json fields no rule knows: warned about at load, recorded in artifact.json
+    ignored_config_fields: tuple[str, ...] = ()
 
     @cached_property
     def sha256(self) -> str:
@@ -36,8 +39,14 @@ class CanonicalModel:
         return {n: self.weights.storage_type(n) for n in self.weights.names()}
 
 
-def load_model(source: str | Path, allow_pickle: bool = False) -> CanonicalModel:
-    """Open a source without reading any tensor data yet."""
+def load_model(
+    source: str | Path, allow_pickle: bool = False, strict_config: bool = False
+) -> CanonicalModel:
+    """Open a source without reading any tensor data yet.
+
+    Unknown config.json fields are named in a ConfigWarning and kept on the model (refused with
+    `strict_config`); GGUF metadata has no such fields.
+    """
     if str(source) == "default":
         from smolconvert.model.default import ORIGIN_NOTE, default_gguf_path
 
@@ -57,11 +66,25 @@ def load_model(source: str | Path, allow_pickle: bool = False) -> CanonicalModel
                 f"{path} is a file but not .gguf; pass the model folder (with config.json) instead"
             )
         return _load_gguf(path, str(source))
-    return _load_folder(path, str(source), allow_pickle)
+    return _load_folder(path, str(source), allow_pickle, strict_config)
 
 
-def _load_folder(folder: Path, source: str, allow_pickle: bool) -> CanonicalModel:
-    spec = ModelSpec.from_file(folder / "config.json")
+def _load_folder(
+    folder: Path, source: str, allow_pickle: bool, strict_config: bool
+) -> CanonicalModel:
+    config = read_config(folder / "config.json")
+    spec = ModelSpec.from_config(
+        config, origin=str(folder / "config.json"), strict_config=strict_config
+    )
+    unknown = tuple(unknown_config_fields(config))
+    if unknown:
+        warnings.warn(
+            ConfigWarning(
+                f"{folder / 'config.json'}: ignoring unknown config field(s) {', '.join(unknown)} "
+                "(recorded in artifact.json; --strict-config refuses them)"
+            ),
+            stacklevel=3,
+        )
     if any(folder.glob("*.safetensors")):
         weights: W.WeightSource = W.SafetensorsSource(folder)
         origin = f"safetensors in {folder}"
@@ -80,16 +103,20 @@ def _load_folder(folder: Path, source: str, allow_pickle: bool) -> CanonicalMode
     return CanonicalModel(
         spec=spec,
         weights=weights,
-        tokenizer=Tokenizer.from_folder(folder),
+        tokenizer=_fits(Tokenizer.from_folder(folder), spec, str(folder)),
         source=source,
         origin=origin,
         name=folder.resolve().name,
+        ignored_config_fields=unknown,
     )
 
 
 def _load_gguf(path: Path, source: str) -> CanonicalModel:
     import gguf
 
+    from smolconvert.model.gguf_check import check_gguf
+
+    check_gguf(path)  # bounds every count and offset first: the reader trusts them
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad files
@@ -105,12 +132,24 @@ def _load_gguf(path: Path, source: str) -> CanonicalModel:
     return CanonicalModel(
         spec=spec,
         weights=weights,
-        tokenizer=Tokenizer.from_gguf(reader),
+        tokenizer=_fits(Tokenizer.from_gguf(reader), spec, str(path)),
         source=source,
         origin=f"dequantized from GGUF {path.name} (stored as {', '.join(types)})",
         name=name,
         metadata={k: v for k, v in meta.items() if k.startswith("general.")},
     )
+
+
+def _fits(tokenizer: Tokenizer, spec: ModelSpec, where: str) -> Tokenizer:
+    """A token id past the embedding would index out of range in every runtime; fewer tokens than
+    rows (padding rows) are fine."""
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise ConfigError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding has "
+            f"{spec.vocab_size} rows (vocab_size); token ids past it cannot be run. Use the "
+            "tokenizer that belongs to these weights"
+        )
+    return tokenizer
 
 
 def _gguf_metadata(reader: Any) -> dict[str, Any]:

@@ -105,6 +105,9 @@ class Tokenizer:
     special: SpecialIds
     chat_template: str | None = None
     pre: str | None = None
+    # tokenizer_config.json's add_prefix_space; llama.cpp's Llama converter writes it to GGUF as
+    # tokenizer.ggml.add_space_prefix (None: the file does not say)
+    add_space_prefix: bool | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
@@ -123,8 +126,10 @@ class Tokenizer:
         except Exception as exc:
             raise CorruptFileError(f"{path} is not a valid tokenizer.json: {exc}") from exc
         config = _read_json(folder / "tokenizer_config.json")
+        # llama.cpp's converter (gguf-py vocab.py SpecialVocab): tokenizer_config.json's token
+        # strings win, then config.json's ids; generation_config.json only fills what is left.
         fallbacks = [
-            _read_json(folder / name) for name in ("generation_config.json", "config.json")
+            _read_json(folder / name) for name in ("config.json", "generation_config.json")
         ]
         ids: dict[str, int | None] = {}
         unknown = []
@@ -147,12 +152,21 @@ class Tokenizer:
             add_bos = _template_adds_bos(
                 tree.get("post_processor"), _token_text(config.get("bos_token"))
             )
+        # As llama.cpp's converter: the template in tokenizer_config.json, else chat_template.jinja
+        # (where transformers >= 4.47 and SmolLM3 keep it).
+        template = _template(config)
         jinja = folder / "chat_template.jinja"
-        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else _template(config)
+        if template is None and jinja.is_file():
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CorruptFileError(f"{jinja} cannot be read as UTF-8 text: {exc}") from None
         pre = next(
             (name for name, p in PRE_TOKENIZERS.items() if p == tree.get("pre_tokenizer")), None
         )
-        return cls(backend, SpecialIds(add_bos=add_bos, **ids), template, pre)
+        prefix = config.get("add_prefix_space")
+        prefix = prefix if isinstance(prefix, bool) else None
+        return cls(backend, SpecialIds(add_bos=add_bos, **ids), template, pre, prefix)
 
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
@@ -193,10 +207,12 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_str(json.dumps(tree))
         except Exception as exc:
             raise CorruptFileError(f"GGUF vocabulary does not form a BPE tokenizer: {exc}") from exc
-        ids = {n: _field(reader, f"tokenizer.ggml.{g}_token_id") for n, g in _GGUF_NAMES.items()}
+        ids = {n: _gguf_id(reader, f"tokenizer.ggml.{g}_token_id") for n, g in _GGUF_NAMES.items()}
         add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token"))
         template = _field(reader, "tokenizer.chat_template")
-        return cls(backend, SpecialIds(add_bos=add_bos, **ids), template, pre)
+        prefix = _field(reader, "tokenizer.ggml.add_space_prefix")
+        prefix = bool(prefix) if prefix is not None else None
+        return cls(backend, SpecialIds(add_bos=add_bos, **ids), template, pre, prefix)
 
     def encode(self, text: str) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -226,6 +242,8 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
+        if self.add_space_prefix is not None:
+            config["add_prefix_space"] = self.add_space_prefix
         special_map = {f"{n}_token": t for n, t in names.items() if t is not None}
         files = {
             # compact: 1.5 MB for SmolLM2's vocabulary against 3.5 MB indented, in every artifact
@@ -264,7 +282,20 @@ class Tokenizer:
 
 def _field(reader: gguf.GGUFReader, key: str) -> Any:
     field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:  # check_gguf bounds strings but does not decode values
+        raise CorruptFileError(f"GGUF {key} is not UTF-8 text ({e.reason})") from None
+
+
+def _gguf_id(reader: gguf.GGUFReader, key: str) -> int | None:
+    """A special token id; llama.cpp refuses one stored as another type (a float, a negative)."""
+    value = _field(reader, key)
+    if value is not None and (type(value) is not int or value < 0):
+        raise CorruptFileError(f"GGUF {key} is {value!r}, expected a token id (unsigned integer)")
+    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -280,20 +311,36 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _token_text(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(
+            f'tokenizer_config.json: a special token must be a string or {{"content": string}}, '
+            f"got {value!r:.80}"
+        )
+    return text
 
 
 def _first_id(value: Any) -> int | None:
     if isinstance(value, list):
         value = value[0] if value else None
-    return value if isinstance(value, int) else None
+    # a bool is no id; a negative one (Llama 1's pad_token_id -1) means there is none
+    return value if type(value) is int and value >= 0 else None
 
 
 def _template(config: dict[str, Any]) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        return named.get("default", next(iter(named.values()), None))
+        named = {
+            t.get("name"): t.get("template")
+            for t in template
+            if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
+        template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(
+            "tokenizer_config.json: chat_template must be a string or a list of "
+            f'{{"name": ..., "template": string}} objects, got {template!r:.80}'
+        )
     return template
 
 

@@ -2,24 +2,29 @@
 
 Three sources: safetensors folders (single file or sharded with an index; memory-mapped), GGUF files
 (dequantized with the gguf library, llama.cpp's Q/K row permutation undone) and, only when the user
-opts in, PyTorch pickle checkpoints. Every source is checked for totality against the names the
-ModelSpec implies, so a missing or stray tensor is reported before any conversion starts.
+opts in, PyTorch pickle checkpoints. Every source is checked against the ModelSpec before any
+conversion starts: names, shapes (from headers, no data read) and dtypes, all problems in one error,
+because a tensor stored transposed has the right element count and would convert into garbage.
+Non-finite values need a pass over the data, so exporters ask for that check separately.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from smolconvert.errors import CorruptFileError, UnsupportedError
 from smolconvert.model import gguf_layout
 from smolconvert.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are made: opening or refusing a file needs no torch
 
 LAYER_TENSORS = (
     "input_layernorm.weight",
@@ -43,6 +48,27 @@ def canonical_names(spec: ModelSpec) -> list[str]:
     if not spec.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
+
+
+# Stored dtypes that hold real-valued weights, as safetensors and torch spell them. Integers and
+# bools are refused, not cast: they are token ids, masks or quantized codes without their scales.
+# float64 is accepted: every target stores at most fp32, to which it rounds like any wider float.
+FLOAT_STORAGE = frozenset(
+    {"F32", "F16", "BF16", "F64", "float32", "float16", "bfloat16", "float64"}
+)
+
+# What each tensor's dimensions are made of, for messages (ModelSpec field names).
+SHAPE_RULES = {
+    "embed_tokens": "vocab_size, hidden_size",
+    "lm_head": "vocab_size, hidden_size",
+    "q_proj": "num_attention_heads*head_dim, hidden_size",
+    "k_proj": "num_key_value_heads*head_dim, hidden_size",
+    "v_proj": "num_key_value_heads*head_dim, hidden_size",
+    "o_proj": "hidden_size, num_attention_heads*head_dim",
+    "gate_proj": "intermediate_size, hidden_size",
+    "up_proj": "intermediate_size, hidden_size",
+    "down_proj": "hidden_size, intermediate_size",
+}
 
 
 def expected_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
@@ -74,29 +100,97 @@ class WeightSource(Protocol):
 
     def storage_type(self, name: str) -> str: ...
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, from the header (no tensor data is read)."""
+        ...
+
+    def is_float(self, name: str) -> bool:
+        """Whether the stored type holds real values (a float or a GGUF block codec)."""
+        ...
+
+    def nonfinite(self, name: str) -> tuple[int, int]:
+        """How many NaN and infinite values the tensor holds."""
+        ...
+
     def files(self) -> list[Path]: ...
 
 
+def _tensors(n: int) -> str:
+    return f"{n} tensor" + ("" if n == 1 else "s")
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def check_totality(source: WeightSource, spec: ModelSpec) -> None:
-    """Raise CorruptFileError naming every missing and unexpected tensor, and every wrong shape."""
+    """Raise CorruptFileError naming every missing and unexpected tensor, every stored shape that
+    differs from the spec's and every non-float dtype, all in one message."""
     expected = canonical_names(spec)
     have = set(source.names())
     missing = [n for n in expected if n not in have]
     # A tied checkpoint may still store lm_head (transformers writes it sometimes); it is ignored.
     stray = sorted(have - set(expected) - {"lm_head.weight"})
+    present = [n for n in expected if n in have]
+    shapes = []
+    for name in present:
+        got, want = tuple(source.shape(name)), expected_shape(spec, name)
+        if got != want:
+            rule = SHAPE_RULES.get(name.split(".")[-2], "hidden_size")
+            shapes.append(f"{name} is {list(got)}, expected {list(want)} ({rule})")
+    dtypes = [f"{n} ({source.storage_type(n)})" for n in present if not source.is_float(n)]
     problems = []
     if missing:
-        problems.append(
-            f"missing tensors: {', '.join(missing[:8])}"
-            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-        )
+        problems.append(f"missing tensors: {_listing(missing)}")
     if stray:
+        problems.append(f"unexpected tensors: {_listing(stray)}")
+    if shapes:
         problems.append(
-            f"unexpected tensors: {', '.join(stray[:8])}"
-            + (f" (+{len(stray) - 8} more)" if len(stray) > 8 else "")
+            f"shapes that differ from the config's in {_tensors(len(shapes))}: {_listing(shapes)}"
+        )
+    if dtypes:
+        problems.append(
+            f"not stored as floats: {_tensors(len(dtypes))}, {_listing(dtypes)} (weights must be "
+            "F32, F16, BF16 or F64; integer tensors are not cast)"
         )
     if problems:
         raise CorruptFileError(f"{source.description}: " + "; ".join(problems))
+
+
+def check_finite(source: WeightSource, spec: ModelSpec) -> None:
+    """Raise CorruptFileError naming every tensor of the model that holds NaN or an infinity.
+
+    Reads one tensor at a time in its stored dtype (GGUF: dequantized), so peak memory is one tensor
+    plus its mask; a model that computes with NaN gives an artifact that outputs garbage.
+    """
+    bad = []
+    for name in canonical_names(spec):
+        n_nan, n_inf = source.nonfinite(name)
+        if n_nan or n_inf:
+            size = math.prod(source.shape(name))
+            bad.append(f"{name} ({n_nan} NaN, {n_inf} Inf of {size})")
+    if bad:
+        raise CorruptFileError(
+            f"{source.description}: NaN or infinite values in {_tensors(len(bad))}: "
+            f"{_listing(bad, 5)}; an artifact made from them computes garbage. Fix the "
+            "checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) to convert it anyway"
+        )
+
+
+def _nonfinite_counts(values: torch.Tensor | np.ndarray) -> tuple[int, int]:
+    """(NaN count, infinity count) of a tensor or array, computed in its own dtype."""
+    # NaN and infinities survive a sum, so a finite sum proves every value finite, ~20x faster
+    # than isfinite().all() with torch 2.13 here; a non-finite sum (or an overflow) is counted.
+    if isinstance(values, np.ndarray):
+        if np.isfinite(values.sum()):
+            return 0, 0
+        return int(np.isnan(values).sum()), int(np.isinf(values).sum())
+    import torch
+
+    if bool(torch.isfinite(values.sum())):
+        return 0, 0
+    return int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
 
 
 def fingerprint(source: WeightSource) -> str:
@@ -157,6 +251,15 @@ class SafetensorsSource:
     def storage_type(self, name: str) -> str:
         return str(self._handles[self._where[name]].get_slice(name).get_dtype())  # type: ignore[attr-defined]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())  # type: ignore[attr-defined]
+
+    def is_float(self, name: str) -> bool:
+        return self.storage_type(name) in FLOAT_STORAGE
+
+    def nonfinite(self, name: str) -> tuple[int, int]:
+        return _nonfinite_counts(self.get(name))
+
     def files(self) -> list[Path]:
         return sorted(self._handles)
 
@@ -170,6 +273,8 @@ class PickleSource:
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        import torch
+
         self.description = self.description or str(self.paths[0].parent)
         for path in self.paths:
             try:
@@ -186,6 +291,15 @@ class PickleSource:
 
     def storage_type(self, name: str) -> str:
         return str(self._tensors[name].dtype).removeprefix("torch.")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def is_float(self, name: str) -> bool:
+        return self.storage_type(name) in FLOAT_STORAGE
+
+    def nonfinite(self, name: str) -> tuple[int, int]:
+        return _nonfinite_counts(self.get(name))
 
     def files(self) -> list[Path]:
         return sorted(self.paths)
@@ -204,18 +318,12 @@ class GGUFSource:
     def __post_init__(self) -> None:
         self.description = self.description or str(self.path)
         unknown = []
+        # Shapes and types are checked by check_totality, with every other source's.
         for t in self.reader.tensors:  # type: ignore[attr-defined]
             name = gguf_layout.canonical_name(t.name)
             if name is None:
                 unknown.append(t.name)
                 continue
-            want = expected_shape(self.spec, name)
-            got = tuple(int(x) for x in reversed(t.shape))
-            if got != want:
-                raise CorruptFileError(
-                    f"{self.path}: tensor {t.name} has shape {list(got)}, "
-                    f"expected {list(want)} from the file's own metadata"
-                )
             self._tensors[name] = t
         if unknown:
             raise UnsupportedError(
@@ -226,6 +334,7 @@ class GGUFSource:
         return list(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
         from gguf.quants import dequantize
 
         t = self._tensors[name]
@@ -239,6 +348,23 @@ class GGUFSource:
 
     def storage_type(self, name: str) -> str:
         return self._tensors[name].tensor_type.name  # type: ignore[attr-defined]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dimensions innermost first (ggml's ne[0] is the row length).
+        return tuple(int(x) for x in reversed(self._tensors[name].shape))  # type: ignore[attr-defined]
+
+    def is_float(self, name: str) -> bool:
+        from gguf import GGMLQuantizationType as T
+
+        # Every GGUF block codec stores real values; only the plain integer types do not.
+        return self._tensors[name].tensor_type not in (T.I8, T.I16, T.I32, T.I64)  # type: ignore[attr-defined]
+
+    def nonfinite(self, name: str) -> tuple[int, int]:
+        from gguf.quants import dequantize
+
+        # Row order does not change what is finite: no un-permuting or copying, unlike get().
+        t = self._tensors[name]
+        return _nonfinite_counts(dequantize(t.data, t.tensor_type))  # type: ignore[attr-defined]
 
     def files(self) -> list[Path]:
         return [self.path]

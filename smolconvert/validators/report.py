@@ -107,10 +107,19 @@ def markdown(manifest: dict[str, Any], table: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
 def _scatter(table: list[dict[str, Any]]) -> str:
-    pts = [(r["size_mb"], max(r["kld_mean"], 1e-6), r["target"]) for r in table]
+    # NaN or infinite KLD (a broken artifact, failed by its gate) has no place on a log axis.
+    pts = [
+        (r["size_mb"], max(r["kld_mean"], 1e-6), r["target"])
+        for r in table
+        if _finite(r["kld_mean"]) and _finite(r["size_mb"])
+    ]
     if not pts:
-        return ""
+        return "<p>No artifact has a finite KLD to plot.</p>" if table else ""
     w, h, pad = 640, 360, 60
     xs = [p[0] for p in pts]
     ys = [math.log10(p[1]) for p in pts]
@@ -156,8 +165,8 @@ def _scatter(table: list[dict[str, Any]]) -> str:
 
 
 def _bars(table: list[dict[str, Any]], reference: dict[str, Any] | None) -> str:
-    items = [(r["target"], r["decode_tok_s"]) for r in table if r["decode_tok_s"] is not None]
-    if reference:
+    items = [(r["target"], r["decode_tok_s"]) for r in table if _finite(r["decode_tok_s"])]
+    if reference and _finite(reference.get("decode_tok_s")):
         items.append(("reference (torch fp32)", reference["decode_tok_s"]))
     if not items:
         return "<p>No latency was measured.</p>"

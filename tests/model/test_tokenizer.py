@@ -347,22 +347,25 @@ def _tiny_folder(tmp_path: Path, **files: Any) -> Path:
 
 
 def test_from_folder_fallback_ids_and_template_file(tmp_path: Path) -> None:
+    # llama.cpp's converter order: tokenizer_config.json strings, then config.json ids, then (ours
+    # only) generation_config.json; the template in tokenizer_config.json over chat_template.jinja.
     folder = _tiny_folder(
         tmp_path,
         tokenizer_config__json={"pad_token": {"content": "<|end|>"}, "chat_template": "old"},
-        generation_config__json={"eos_token_id": [TINY_TOKENS.index("<tool>"), 0]},
-        config__json={"bos_token_id": 5, "eos_token_id": 7, "pad_token_id": 9},
+        generation_config__json={
+            "eos_token_id": [TINY_TOKENS.index("<tool>"), 0],
+            "bos_token_id": 4,
+        },
+        config__json={"eos_token_id": 7, "pad_token_id": 9},
         chat_template__jinja="new",
     )
     tok = Tokenizer.from_folder(folder)
     assert tok.special == SpecialIds(
-        bos=5,
-        eos=TINY_TOKENS.index("<tool>"),
-        unk=None,
-        pad=TINY_TOKENS.index("<|end|>"),
-        add_bos=False,
+        bos=4, eos=7, unk=None, pad=TINY_TOKENS.index("<|end|>"), add_bos=False
     )
-    assert tok.chat_template == "new"
+    assert tok.chat_template == "old"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|end|>"}))
+    assert Tokenizer.from_folder(folder).chat_template == "new"
 
 
 def test_from_folder_reads_bos_from_template_processing(tmp_path: Path) -> None:

@@ -221,3 +221,158 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
     with pytest.raises(CorruptFileError, match="not a readable GGUF"):
         load_model(bad)
+
+
+# --- shapes, dtypes and values checked before export -------------------------------------------
+
+
+def test_transposed_tensor_with_the_right_element_count_is_refused(tmp_path: Path) -> None:
+    cfg = tiny.config("llama")
+    tensors = tiny.state_dict(cfg)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    tensors[gate] = tensors[gate].T.contiguous()  # [64, 128]: same 8192 values as [128, 64]
+    down = "model.layers.1.mlp.down_proj.weight"
+    tensors[down] = tensors[down].reshape(128, 64).contiguous()
+    with pytest.raises(CorruptFileError) as e:
+        load_model(tiny.write_folder(tmp_path / "m", cfg, tensors=tensors))
+    message = str(e.value)
+    assert f"{gate} is [64, 128], expected [128, 64] (intermediate_size, hidden_size)" in message
+    assert f"{down} is [128, 64], expected [64, 128]" in message
+    assert "shapes that differ from the config's in 2 tensors:" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "wrong"),
+    [
+        ("head_dim", 32, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("num_key_value_heads", 4, ["k_proj", "v_proj"]),
+    ],
+)
+def test_config_that_disagrees_with_the_tensors_lists_them(
+    tmp_path: Path, field: str, value: int, wrong: list[str]
+) -> None:
+    """Tensors of the tiny model (head_dim 16, 2 KV heads) under a config claiming otherwise:
+    one error naming every tensor, not an AssertionError inside the reference decoder."""
+    cfg = tiny.config("llama")
+    tensors = tiny.state_dict(cfg)
+    folder = tiny.write_folder(tmp_path / "m", {**cfg, field: value}, tensors=tensors)
+    with pytest.raises(CorruptFileError) as e:
+        load_model(folder)
+    message = str(e.value)
+    assert f"shapes that differ from the config's in {len(wrong) * 2} tensors:" in message
+    for layer in (0, 1):
+        for proj in wrong:
+            assert f"model.layers.{layer}.self_attn.{proj}.weight is [" in message
+    assert "*head_dim" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.uint8])
+def test_integer_weights_are_refused_not_cast(tmp_path: Path, dtype: torch.dtype) -> None:
+    cfg = tiny.config("llama")
+    tensors = tiny.state_dict(cfg)
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.ones(128, 64, dtype=dtype)
+    tensors["model.norm.weight"] = torch.ones(64, dtype=dtype)
+    with pytest.raises(CorruptFileError) as e:
+        load_model(tiny.write_folder(tmp_path / "m", cfg, tensors=tensors))
+    stored = {torch.int32: "I32", torch.int8: "I8", torch.bool: "BOOL", torch.uint8: "U8"}[dtype]
+    assert "not stored as floats: 2 tensors," in str(e.value)
+    assert f"model.layers.0.mlp.up_proj.weight ({stored})" in str(e.value)
+    assert f"model.norm.weight ({stored})" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float_dtypes_are_accepted(tmp_path: Path, dtype: torch.dtype) -> None:
+    cfg = tiny.config("llama")
+    tensors = {k: v.to(dtype) for k, v in tiny.state_dict(cfg).items()}
+    model = load_model(tiny.write_folder(tmp_path / "m", cfg, tensors=tensors))
+    ref = build_reference(model.spec, source=model.weights)
+    assert torch.isfinite(ref.logits([1, 2, 3])).all()
+
+
+def test_gguf_shape_mismatches_are_all_listed(tmp_path: Path) -> None:
+    cfg = tiny.config("llama")
+    tensors = tiny.state_dict(cfg)
+    for name in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        tensors[name] = tensors[name].T.contiguous()
+    write_gguf(tmp_path / "m.gguf", cfg, tensors)
+    with pytest.raises(CorruptFileError) as e:
+        load_model(tmp_path / "m.gguf")
+    assert "shapes that differ from the config's in 2 tensors:" in str(e.value)
+    assert "model.layers.0.mlp.gate_proj.weight is [64, 128]" in str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight is [64, 128]" in str(e.value)
+
+
+def with_non_finite(cfg: dict) -> dict[str, torch.Tensor]:
+    tensors = tiny.state_dict(cfg)
+    tensors["model.layers.0.mlp.gate_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.1.post_attention_layernorm.weight"][7] = float("inf")
+    tensors["model.norm.weight"][0] = float("-inf")
+    return tensors
+
+
+@pytest.mark.parametrize("to", ["gguf:f32", "gguf:f16"])
+def test_export_refuses_non_finite_weights_and_names_them(tmp_path: Path, to: str) -> None:
+    import smolconvert
+
+    cfg = tiny.config("llama")
+    folder = tiny.write_folder(tmp_path / "m", cfg, tensors=with_non_finite(cfg))
+    with pytest.raises(CorruptFileError) as e:
+        smolconvert.export(folder, to=to, out=tmp_path / "out")
+    message = str(e.value)
+    assert "NaN or infinite values in 3 tensors:" in message
+    assert "model.layers.0.mlp.gate_proj.weight (1 NaN, 0 Inf of 8192)" in message
+    assert "model.layers.1.post_attention_layernorm.weight (0 NaN, 1 Inf of 64)" in message
+    assert "model.norm.weight (0 NaN, 1 Inf of 64)" in message
+    assert "--allow-nonfinite" in message
+    assert not (tmp_path / "out").exists()
+    art = smolconvert.export(folder, to=to, out=tmp_path / "out", allow_nonfinite=True)
+    assert (art.folder / "artifact.json").is_file()
+
+
+def test_cli_allow_nonfinite(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from smolconvert.cli import cli
+
+    cfg = tiny.config("llama")
+    folder = tiny.write_folder(tmp_path / "m", cfg, tensors=with_non_finite(cfg))
+    out = tmp_path / "out"
+    refused = CliRunner().invoke(cli, ["export", str(folder), "--to", "gguf:f32", "-o", str(out)])
+    assert refused.exit_code == 2
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1
+    assert "model.norm.weight" in refused.stderr
+    allowed = CliRunner().invoke(
+        cli, ["export", str(folder), "--to", "gguf:f32", "-o", str(out), "--allow-nonfinite"]
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert (out / "artifact.json").is_file()
+
+
+def test_non_finite_values_in_a_gguf_source_are_named(tmp_path: Path) -> None:
+    from smolconvert.model.weights import check_finite
+
+    cfg = tiny.config("llama")
+    write_gguf(tmp_path / "m.gguf", cfg, with_non_finite(cfg), gguf.GGMLQuantizationType.F16)
+    model = load_model(tmp_path / "m.gguf")
+    with pytest.raises(CorruptFileError, match="NaN or infinite values in 3 tensors") as e:
+        check_finite(model.weights, model.spec)
+    assert "model.layers.0.mlp.gate_proj.weight (1 NaN" in str(e.value)
+    clean = tmp_path / "clean.gguf"
+    write_gguf(clean, cfg, tiny.state_dict(cfg), gguf.GGMLQuantizationType.F16)
+    check_finite(load_model(clean).weights, load_model(clean).spec)
+
+
+def test_large_finite_values_are_not_mistaken_for_infinities(tmp_path: Path) -> None:
+    """The check sums each tensor first; a sum that overflows float16 must not be a refusal."""
+    from smolconvert.model.weights import check_finite
+
+    cfg = tiny.config("llama")
+    tensors = {k: v.half() for k, v in tiny.state_dict(cfg).items()}
+    tensors["model.embed_tokens.weight"].fill_(60000.0)  # finite in f16; the sum is not
+    tensors["model.norm.weight"][:2] = torch.tensor([float("inf"), float("-inf")])
+    model = load_model(tiny.write_folder(tmp_path / "m", cfg, tensors=tensors))
+    with pytest.raises(CorruptFileError) as e:
+        check_finite(model.weights, model.spec)
+    assert "NaN or infinite values in 1 tensor:" in str(
+        e.value
+    ) and "model.norm.weight (0 NaN, 2 Inf of 64)" in str(e.value)
