@@ -655,10 +655,13 @@ def export_coreml(
     mlmodel.user_defined_metadata["co.huggingface.exporters.name"] = model.name
     mlmodel.user_defined_metadata["smolconvert.scheme"] = scheme
     mlmodel.user_defined_metadata["smolconvert.kv_cache"] = kv_cache
+    # a date in the file would make today's export differ from tomorrow's
+    mlmodel.user_defined_metadata.pop("com.github.apple.coremltools.conversion_date", None)
     with A.staging(out) as stage:
         step("saving the .mlpackage")
         mlmodel.save(str(stage / PACKAGE))
         _normalise_manifest(stage / PACKAGE)
+        _write_spec_deterministically(stage / PACKAGE, mlmodel)
         model.tokenizer.save(stage)
         A.write_json(stage / "coreml_config.json", _app_config(model, kv_cache, context, sch))
         import coremltools as ct
@@ -740,6 +743,15 @@ def _normalise_manifest(package: Path) -> None:
             manifest["rootModelIdentifier"] = new
     manifest["itemInfoEntries"] = dict(sorted(renamed.items()))
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _write_spec_deterministically(package: Path, mlmodel: Any) -> None:
+    """Rewrite model.mlmodel with its map fields (user metadata, op inputs and attributes) in key
+    order. coremltools saves `spec.SerializeToString()`, and protobuf's upb backend orders map
+    entries by a hash seeded per process, so the same spec gave different bytes in each run."""
+    path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    assert path.is_file(), path  # coremltools 9.0's package layout
+    path.write_bytes(mlmodel.get_spec().SerializeToString(deterministic=True))
 
 
 @contextmanager

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -133,53 +134,97 @@ def bf16_round(value: NDArray) -> NDArray[np.float32]:
 
 class TensorCacheWriter:
     """TVM's TensorCacheShardingManager rule: a shard is committed when adding a tensor would
-    reach the cap; a tensor of at least half the cap goes alone into its own shard at once."""
+    reach the cap; a tensor of at least half the cap goes alone into its own shard at once.
+
+    Streams: each tensor's bytes go to disk as they come (`add_chunks`), into a temporary file
+    per open shard, md5 computed on the way; a shard gets its params_shard_N.bin name when it is
+    committed, so the numbering is TVM's even when a lone tensor overtakes the open shard."""
 
     def __init__(self, folder: Path, cap: int = SHARD_CAP_BYTES) -> None:
         self.folder, self.cap = folder, cap
         self.shards: list[dict[str, Any]] = []
         self.pending: list[dict[str, Any]] = []
-        self.data = bytearray()
+        self.pending_bytes = 0
+        self._open: tuple[BinaryIO, Any, Path] | None = None  # (file, md5, temporary path)
         self.n_params = 0
         self.param_bytes = 0
 
     def add(self, name: str, array: NDArray) -> None:
-        dtype = str(array.dtype)
+        self.add_chunks(name, tuple(array.shape), str(array.dtype), [array])
+
+    def add_chunks(
+        self, name: str, shape: tuple[int, ...], dtype: str, chunks: Iterable[NDArray]
+    ) -> None:
+        """One tensor of `shape` and `dtype`, given as consecutive row blocks (C order)."""
+        size = math.prod(shape)
         self.n_params += 1
-        self.param_bytes += array.nbytes
-        data = f32_to_bf16(array).tobytes() if dtype == "float32" else array.tobytes()
+        self.param_bytes += size * np.dtype(dtype).itemsize
+        nbytes = size * (2 if dtype == "float32" else np.dtype(dtype).itemsize)  # f32 as bf16
         rec = {
             "name": name,
-            "shape": list(array.shape),
+            "shape": list(shape),
             "dtype": dtype,
             "format": "f32-to-bf16",
-            "nbytes": len(data),
+            "nbytes": nbytes,
         }
-        if len(self.data) + len(data) >= self.cap:
-            if 2 * len(data) >= self.cap:
-                self._commit(data, [dict(rec, byteOffset=0)])
+        if self.pending_bytes + nbytes >= self.cap:
+            if 2 * nbytes >= self.cap:
+                alone = self._new_file(f".{self._next_path()}.tmp")
+                self._write(alone, chunks, dtype, nbytes)
+                self._close(alone, nbytes, [dict(rec, byteOffset=0)])
                 return
             self.commit()
-        self.pending.append(dict(rec, byteOffset=len(self.data)))
-        self.data += data
+        if self._open is None:
+            self._open = self._new_file(".params_shard_open.tmp")
+        self.pending.append(dict(rec, byteOffset=self.pending_bytes))
+        self._write(self._open, chunks, dtype, nbytes)
+        self.pending_bytes += nbytes
 
     def commit(self) -> None:
-        if self.data:
-            self._commit(bytes(self.data), self.pending)
-            self.data, self.pending = bytearray(), []
+        if self._open is not None and self.pending_bytes:
+            self._close(self._open, self.pending_bytes, self.pending)
+            self._open, self.pending, self.pending_bytes = None, [], 0
 
-    def _commit(self, data: bytes, records: list[dict[str, Any]]) -> None:
-        path = f"params_shard_{len(self.shards)}.bin"
-        tmp = self.folder / f".{path}.tmp"
-        tmp.write_bytes(data)
+    def _next_path(self) -> str:
+        return f"params_shard_{len(self.shards)}.bin"
+
+    def _new_file(self, name: str) -> tuple[BinaryIO, Any, Path]:
+        tmp = self.folder / name
+        return open(tmp, "wb"), hashlib.md5(), tmp  # noqa: SIM115 - closed in _close
+
+    @staticmethod
+    def _write(
+        out: tuple[BinaryIO, Any, Path], chunks: Iterable[NDArray], dtype: str, nbytes: int
+    ) -> None:
+        fh, md5, _ = out
+        written = 0
+        try:
+            for chunk in chunks:
+                assert str(chunk.dtype) == dtype, (chunk.dtype, dtype)
+                data = f32_to_bf16(chunk) if dtype == "float32" else np.ascontiguousarray(chunk)
+                view = memoryview(data).cast("B")
+                fh.write(view)
+                md5.update(view)
+                written += len(view)
+            assert written == nbytes, f"tensor gave {written} bytes, its shape says {nbytes}"
+        except BaseException:
+            fh.close()  # the staging folder, temporary file included, is removed by the caller
+            raise
+
+    def _close(
+        self, out: tuple[BinaryIO, Any, Path], nbytes: int, records: list[dict[str, Any]]
+    ) -> None:
+        fh, md5, tmp = out
+        fh.close()
+        path = self._next_path()
         os.replace(tmp, self.folder / path)
         self.shards.append(
             {
                 "dataPath": path,
                 "format": "raw-shard",
-                "nbytes": len(data),
+                "nbytes": nbytes,
                 "records": records,
-                "md5sum": hashlib.md5(data).hexdigest(),
+                "md5sum": md5.hexdigest(),
             }
         )
 
@@ -208,6 +253,64 @@ def _write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
 # ----------------------------------------------------------------------------- export
 
 
+# Row block size for reading, quantizing and writing: every step is row-local (groups run
+# along the input axis), so blocks give the same bytes as whole tensors while the float32
+# temporaries of the quantizer stay a few tens of MB instead of ~10x the embedding table.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def mlc_blocks(
+    model: CanonicalModel,
+    scheme: str,
+    scale_mode: str = "mlc",
+    imatrix: Imatrix | None = None,
+    bar: Any = None,
+    block_elements: int | None = None,
+) -> Iterator[tuple[MLCParam, Iterator[NDArray]]]:
+    """Each MLC parameter with an iterator over its row blocks, in plan order. A parameter's
+    blocks must be consumed before asking for the next parameter (a q_scale is gathered while
+    its q_weight's blocks are made); only one source tensor is held at a time."""
+    params = plan(model.spec, scheme)
+    cfg = group.GROUP_CONFIGS.get(scheme)
+    dtype = np.dtype(model_dtype(scheme))
+    # Scales of float32 schemes are stored bf16; the search judges them as stored.
+    store = bf16_round if dtype == np.float32 else None
+    block = block_elements or BLOCK_ELEMENTS
+
+    def rows(p: MLCParam) -> Iterator[NDArray]:
+        # Cast each source to the model dtype first, as MLC's loader does; fusion on axis 0 is
+        # the sources' blocks one after another.
+        for s in p.sources:
+            src = model.weights.get(s)
+            step = max(1, block // max(1, math.prod(src.shape[1:])))
+            for r in range(0, src.shape[0], step):
+                yield np.ascontiguousarray(src[r : r + step].float().numpy().astype(dtype))
+            del src
+
+    def q_weights(
+        p: MLCParam, importance: NDArray[np.float32] | None, scales: list[NDArray]
+    ) -> Iterator[NDArray]:
+        for w in rows(p):
+            q_weight, q_scale = group.quantize(w, cfg, scale_mode, importance, store)
+            scales.append(q_scale)
+            yield q_weight
+
+    i = 0
+    while i < len(params):
+        p = params[i]
+        if p.role == "weight":
+            yield p, rows(p)
+            i += 1
+        else:
+            importance = _importance(imatrix, p.sources) if scale_mode == "search" else None
+            scales: list[NDArray] = []
+            yield p, q_weights(p, importance, scales)
+            yield params[i + 1], iter([np.concatenate(scales, axis=0)])
+            i += 2
+        if bar is not None:
+            bar.update(1)
+
+
 def mlc_tensors(
     model: CanonicalModel,
     scheme: str,
@@ -215,30 +318,9 @@ def mlc_tensors(
     imatrix: Imatrix | None = None,
     bar: Any = None,
 ) -> Iterator[tuple[MLCParam, NDArray]]:
-    """Each MLC parameter with its array, streamed one fused tensor at a time."""
-    params = plan(model.spec, scheme)
-    cfg = group.GROUP_CONFIGS.get(scheme)
-    dtype = np.dtype(model_dtype(scheme))
-    # Scales of float32 schemes are stored bf16; the search judges them as stored.
-    store = bf16_round if dtype == np.float32 else None
-    i = 0
-    while i < len(params):
-        p = params[i]
-        # Cast each source to the model dtype first, as MLC's loader does, then fuse on axis 0.
-        w = np.concatenate(
-            [model.weights.get(s).float().numpy().astype(dtype) for s in p.sources], axis=0
-        )
-        if p.role == "weight":
-            yield p, np.ascontiguousarray(w)
-            i += 1
-        else:
-            importance = _importance(imatrix, p.sources) if scale_mode == "search" else None
-            q_weight, q_scale = group.quantize(w, cfg, scale_mode, importance, store)
-            yield p, q_weight
-            yield params[i + 1], q_scale
-            i += 2
-        if bar is not None:
-            bar.update(1)
+    """Each MLC parameter with its whole array (mlc_blocks joined), one fused tensor at a time."""
+    for p, blocks in mlc_blocks(model, scheme, scale_mode, imatrix, bar):
+        yield p, np.concatenate(list(blocks), axis=0)
 
 
 def _importance(imatrix: Imatrix | None, sources: tuple[str, ...]) -> NDArray[np.float32] | None:
@@ -271,9 +353,8 @@ def export_mlc(
         seen = []
         n_modules = len({p.name.rsplit(".", 1)[0] for p in params})
         with progress.bar(n_modules, "tensors") as bar:
-            for p, array in mlc_tensors(model, scheme, scale_mode, imatrix, bar):
-                assert tuple(array.shape) == p.shape and str(array.dtype) == p.dtype, p
-                writer.add(p.name, array)
+            for p, blocks in mlc_blocks(model, scheme, scale_mode, imatrix, bar):
+                writer.add_chunks(p.name, p.shape, p.dtype, _checked(p, blocks))
                 seen.append(p.name)
         missing = sorted({p.name for p in params} - set(seen))
         assert not missing, f"unwritten MLC parameters: {missing}"
@@ -310,6 +391,13 @@ def export_mlc(
         }
         meta = A.finish(stage, meta)
     return A.Artifact(out, meta)
+
+
+def _checked(p: MLCParam, blocks: Iterator[NDArray]) -> Iterator[NDArray]:
+    """The blocks, each checked against the plan's shape (rows aside) and dtype."""
+    for block in blocks:
+        assert tuple(block.shape[1:]) == p.shape[1:] and str(block.dtype) == p.dtype, p
+        yield block
 
 
 def _save_tokenizer(model: CanonicalModel, stage: Path) -> list[str]:

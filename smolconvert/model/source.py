@@ -175,18 +175,25 @@ def _gguf_config(meta: dict[str, Any], reader: Any, path: Path) -> dict[str, Any
     if arch not in ("llama", "smollm3"):
         raise UnsupportedError(f"{path}: GGUF architecture {arch!r}; expected llama or smollm3")
 
-    def key(name: str, required: bool = True) -> Any:
+    def key(name: str, required: bool = True, kind: type = int) -> Any:
         value = meta.get(f"{arch}.{name}")
         if value is None and required:
             raise CorruptFileError(f"{path}: GGUF metadata lacks {arch}.{name}")
+        # llama.cpp refuses a key stored with another type; read anyway, a float's bits would
+        # become a nonsense integer (or back), an array would not be a number at all
+        if value is not None and type(value) is not kind:
+            raise CorruptFileError(
+                f"{path}: GGUF {arch}.{name} is {value!r:.40} ({type(value).__name__}), "
+                f"expected {kind.__name__}"
+            )
         return value
 
-    scaling = key("rope.scaling.type", required=False)
+    scaling = key("rope.scaling.type", required=False, kind=str)
     if scaling not in (None, "none"):
         raise UnsupportedError(f"{path}: rope scaling {scaling!r} is not supported")
     n_heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
-    head_dim = key("attention.key_length", required=False) or hidden // n_heads
+    head_dim = key("attention.key_length", required=False) or (hidden // n_heads if n_heads else 0)
     rope_dims = key("rope.dimension_count", required=False)
     if rope_dims is not None and int(rope_dims) != int(head_dim):
         raise UnsupportedError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims)")
@@ -204,8 +211,8 @@ def _gguf_config(meta: dict[str, Any], reader: Any, path: Path) -> dict[str, Any
         "num_key_value_heads": int(key("attention.head_count_kv", required=False) or n_heads),
         "head_dim": int(head_dim),
         "vocab_size": int(vocab),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(key("rope.freq_base", required=False) or 10000.0),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", kind=float)),
+        "rope_theta": float(key("rope.freq_base", required=False, kind=float) or 10000.0),
         "max_position_embeddings": int(key("context_length")),
         "tie_word_embeddings": "output.weight" not in names,
     }

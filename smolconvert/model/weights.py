@@ -219,10 +219,25 @@ class SafetensorsSource:
         self.description = self.description or str(self.folder)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            try:  # ValueError: not JSON, not UTF-8; OSError: a folder, unreadable
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CorruptFileError(f"{index}: not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(s, str) for s in weight_map.values()
+            ):
+                raise CorruptFileError(
+                    f"{index}: weight_map must map tensor names to shard file names, "
+                    f"got {weight_map!r:.80}"
+                )
+            outside = sorted(
+                {s for s in weight_map.values() if Path(s).name != s or s in ("", ".", "..")}
+            )
+            if outside:  # a shard name is a file beside the index, never a path out of the folder
+                raise CorruptFileError(
+                    f"{index}: shard names must be file names in {self.folder}, got "
+                    f"{', '.join(map(repr, outside[:3]))}"
+                )
             shards = {self.folder / s for s in weight_map.values()}
             for shard in shards:
                 if not shard.exists():

@@ -215,7 +215,11 @@ def quantize(
     importance: NDArray[np.float32] | None = None,
     stored_scale=None,
 ) -> tuple[NDArray[np.uint32], NDArray]:
-    """(rows, k) float weight -> (q_weight uint32, q_scale model dtype), MLC's NK layout."""
+    """(rows, k) float weight -> (q_weight uint32, q_scale model dtype), MLC's NK layout.
+
+    Row-local in both scale modes (each row's codes and scales depend on that row, `importance`
+    and the config only): exporters/mlc.py quantizes in row blocks and relies on it for output
+    byte-identical to quantizing whole tensors."""
     if scale_mode not in SCALE_MODES:
         raise ConfigError(f"scale mode {scale_mode!r} is not one of {', '.join(SCALE_MODES)}")
     w = np.asarray(w, dtype=cfg.dtype)  # MLC casts to the model dtype before quantizing

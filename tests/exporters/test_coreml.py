@@ -269,3 +269,19 @@ def test_default_model_int4_converts_and_scores(default_model, default_reference
     got = open_coreml_runner(str(art.path("model"))).logits(ids)
     assert _kld(expected, got).mean() < 0.3
     assert expected[-1].argmax() == got[-1].argmax()
+
+
+# --- determinism across processes (issue 23) ------------------------------------------------------
+
+
+def test_int4_export_is_byte_identical_across_processes(tmp_path: Path) -> None:
+    from coremltools.proto import Model_pb2
+
+    from tests.determinism import assert_exports_identical
+
+    folder = tiny.write_folder(tmp_path / "tiny", tiny.config("llama"))
+    files = assert_exports_identical(folder, tmp_path, to="coreml:int4")
+    spec = Model_pb2.Model.FromString(files["model.mlpackage/Data/com.apple.CoreML/model.mlmodel"])
+    metadata = dict(spec.description.metadata.userDefined)
+    assert metadata["smolconvert.scheme"] == "int4"
+    assert not any("date" in key for key in metadata)  # a date differs from one day to the next

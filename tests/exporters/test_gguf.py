@@ -262,3 +262,13 @@ def test_cli_export_errors_are_one_line(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli, ["export", str(folder), *args])
         assert result.exit_code == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- determinism across processes (issue 23) ------------------------------------------------------
+
+
+def test_export_is_byte_identical_across_processes(tmp_path: Path) -> None:
+    from tests.determinism import assert_exports_identical
+
+    folder = tiny.write_folder(tmp_path / "tiny", tiny.config("smollm3"))
+    assert_exports_identical(folder, tmp_path, to="gguf:q4_k_m", imatrix=True)

@@ -376,3 +376,14 @@ def test_large_finite_values_are_not_mistaken_for_infinities(tmp_path: Path) -> 
     assert "NaN or infinite values in 1 tensor:" in str(
         e.value
     ) and "model.norm.weight (0 NaN, 2 Inf of 64)" in str(e.value)
+
+
+def test_index_shard_names_cannot_leave_the_folder(tmp_path: Path) -> None:
+    cfg = tiny.config("llama")
+    folder = tiny.write_folder(tmp_path / "m", cfg)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    names = list(tiny.state_dict(cfg))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "../outside.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptFileError, match="shard names must be file names"):
+        load_model(folder)

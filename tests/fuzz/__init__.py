@@ -1,0 +1,1 @@
+"""Property tests of the readers (config, tokenizer, safetensors, GGUF); see docs/fuzzing.md."""
