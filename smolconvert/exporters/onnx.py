@@ -10,6 +10,7 @@ carry a genai_config.json, so one Transformers.js folder also runs in onnxruntim
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "layout": ("transformers.js", "genai"),
     "graph": ("fused", "plain"),
     "kv_cache": ("auto", "float", "int8"),
+    # GPTQ's cost grows with (heads + kv heads) x hidden^2 per layer (per-kv-head Hessians): at
+    # SmolLM2-1.7B (32 kv heads) it runs for hours on 2 cores; "off" rounds to nearest with the
+    # codec's scale search instead (docs/scaling.md has both).
+    "gptq": ("auto", "off"),
 }
 LAYOUT_NOTE = (
     "optimum/Transformers.js decoder IO (model.onnx with past_key_values, 2025); "
@@ -104,11 +109,14 @@ def export_onnx(
         import onnx
     except ImportError:
         raise MissingDependencyError(f"ONNX export needs onnx: {INSTALL_HINT}") from None
-    from smolconvert.exporters.onnx_graph import build_decoder
+    from smolconvert.exporters.onnx_graph import ExternalData, build_decoder
 
     layout = (options or {}).get("layout", OPTIONS["layout"][0])
     graph = (options or {}).get("graph", OPTIONS["graph"][0])
     recipe = RECIPES[scheme]
+    gptq_option = (options or {}).get("gptq", OPTIONS["gptq"][0])
+    if gptq_option == "off":
+        recipe = replace(recipe, gptq=False)
     spec = model.spec
     kv_cache = _kv_cache(recipe, graph, (options or {}).get("kv_cache", OPTIONS["kv_cache"][0]))
     cache_dtype = _cache_dtype(kv_cache, recipe)
@@ -123,27 +131,27 @@ def export_onnx(
     if recipe.gptq:
         step(f"GPTQ over {spec.n_layers} layers on calibration text")
         quantized, calibration = _gptq(model, recipe)
-    step(f"building the {scheme} {graph} decoder graph ({spec.n_layers} layers)")
-    proto, tensor_types = build_decoder(
-        spec, fetch, recipe, fused=graph == "fused", quantized=quantized
-    )
-    assert not names, f"tensors never written: {sorted(names)}"
     rel = f"onnx/{TJS_FILES[scheme]}" if layout == "transformers.js" else "model.onnx"
     with A.staging(out) as stage:
         path = stage / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         # the names each client looks for: Transformers.js model.onnx_data, the builder's .data
         data = path.with_name(path.name + ("_data" if layout == "transformers.js" else ".data"))
-        step(f"writing {rel} and its weights, {data.name}")
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=EXTERNAL_DATA_MIN_BYTES,
+        step(
+            f"building the {scheme} {graph} decoder graph ({spec.n_layers} layers), "
+            f"its weights streamed to {data.name}"
         )
-        data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only (0600)
+        # Each weight goes to the data file as it is built: the graph protobuf holds references
+        # only, so the export never holds the model's bytes at all (DESIGN: one copy at most).
+        with ExternalData(data, EXTERNAL_DATA_MIN_BYTES) as external:
+            proto, tensor_types = build_decoder(
+                spec, fetch, recipe, fused=graph == "fused", quantized=quantized, external=external
+            )
+        assert not names, f"tensors never written: {sorted(names)}"
+        del quantized
+        step(f"writing {rel}")
+        onnx.save_model(proto, str(path))
+        data.chmod(path.stat().st_mode & 0o777)  # as the graph's (onnx made its own file 0600)
         kv_meta = None
         if kv_cache == "int8":
             step("calibrating the int8 KV cache in onnxruntime")
@@ -157,7 +165,8 @@ def export_onnx(
             **A.source_meta(model),
             "entry_points": {"model": rel, "genai_config": "genai_config.json"},
             "tensor_types": tensor_types,
-            "options": {"layout": layout, "graph": graph, "kv_cache": kv_cache},
+            "options": {"layout": layout, "graph": graph, "kv_cache": kv_cache}
+            | ({"gptq": "off"} if gptq_option == "off" else {}),
             "recipe": _describe_recipe(recipe),
             "imatrix": None,  # GPTQ (below) takes whole Hessians, not the diagonal an imatrix holds
             "calibration": calibration,
@@ -204,8 +213,8 @@ def _int8_kv_cache(model: CanonicalModel, proto: Any, path: Path) -> dict[str, A
     text = default_calibration_text()
     windows = calibration_windows(model.tokenizer, text.text, model.spec)
     quantize_kv_cache(proto, kv_scales(cache_maxima(path, windows, model.spec), model.spec))
-    # Saving with external data moved the weights out of `proto` and left references to the data
-    # file, which stays as it is: this save rewrites the graph and keeps the small scales inline.
+    # `proto` holds references to the data file, which stays as it is: this save rewrites the
+    # graph and keeps the small scales inline.
     onnx.save_model(proto, str(path))
     return {
         "dtype": "int8",

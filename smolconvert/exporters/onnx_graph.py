@@ -10,9 +10,12 @@ optimum's / Transformers.js': input_ids, attention_mask, position_ids, past_key_
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,9 +40,71 @@ TENSOR_FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (onnx is imported lazily)
 Fetch = Callable[[str], NDArray[np.float32]]  # canonical name -> float32 (rows, cols) weight
 
 
+class ExternalData:
+    """The external data file beside a graph, written as initializers are created, so the graph
+    protobuf never holds weight bytes and the model is never held in memory twice (the graph with
+    its raw data, then its serialization, took ~4x the fp32 weight bytes at 360M).
+
+    The file is byte for byte what `onnx.save_model(save_as_external_data=True,
+    all_tensors_to_one_file=True, size_threshold=min_bytes)` writes for the same initializers (onnx
+    1.23): tensors in initializer order, each at the end of the file with no alignment padding, the
+    entries location/offset/length, and onnx's size test, which compares `sys.getsizeof(raw_data)`
+    (the bytes object's header included) with the threshold."""
+
+    def __init__(self, path: Path, min_bytes: int) -> None:
+        self.path = path
+        self.location = path.name  # relative to the graph, which sits beside it
+        self.min_bytes = min_bytes
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed by close() / __exit__)
+        self._offset = 0
+
+    def wants(self, array: NDArray) -> bool:
+        """Whether onnx's save_model would have moved this array's raw data out of the graph."""
+        numeric = array.dtype != object and not np.issubdtype(array.dtype, np.str_)
+        return numeric and sys.getsizeof(b"") + array.nbytes >= self.min_bytes
+
+    def tensor(self, array: NDArray, name: str) -> Any:
+        """A TensorProto naming `array`'s bytes, which are appended to the file now."""
+        from onnx import TensorProto, helper
+
+        tensor = TensorProto()
+        tensor.dims.extend(array.shape)
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        # numpy_helper.from_array stores the little-endian bytes of the C-ordered array
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        self._file.write(data.reshape(-1).view(np.uint8).data)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", self.location),
+            ("offset", self._offset),
+            ("length", data.nbytes),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self._offset += data.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ExternalData:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 @dataclass
 class Graph:
-    """Nodes and initializers in creation order; names are deterministic."""
+    """Nodes and initializers in creation order; names are deterministic. With `external`, every
+    initializer big enough goes to that file as it is created (the TensorProto only points at it);
+    without, initializers keep their raw data."""
 
     float_type: int  # onnx.TensorProto.FLOAT or FLOAT16
     nodes: list[Any] = field(default_factory=list)
@@ -48,7 +113,16 @@ class Graph:
     # canonical weight name -> its quantized form computed beforehand (GPTQ); others are quantized
     # round-to-nearest as they are added
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    external: ExternalData | None = None
     _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
+
+    def _initializer(self, array: NDArray, name: str) -> None:
+        from onnx import numpy_helper
+
+        if self.external is not None and self.external.wants(array):
+            self.initializers.append(self.external.tensor(array, name))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
 
     def op(
         self,
@@ -69,21 +143,18 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
     def weight(self, name: str, array: NDArray, storage: str | None = None) -> str:
-        from onnx import numpy_helper
-
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # ascontiguousarray also makes a 0-d array 1-d: weights have always been stored so
+        self._initializer(np.ascontiguousarray(array), name)
         self.tensor_types[name] = storage or str(array.dtype)
         return name
 
     def const(self, value: Any, dtype: Any = np.int64) -> str:
         """A small constant, shared by value (never listed in tensor_types)."""
-        from onnx import numpy_helper
-
         arr = np.asarray(value, dtype=dtype)
         key = (str(arr.dtype) + str(arr.shape), arr.tobytes())
         if key not in self._consts:
             name = f"/const/{len(self._consts)}"
-            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._initializer(arr, name)
             self._consts[key] = name
         return self._consts[key]
 
@@ -136,7 +207,8 @@ def add_linear(
     """One projection; `parts`: the canonical weights stacked in w (default: just `name`)."""
     n, k = w.shape
     if codec is None:
-        return Linear((g.weight(name, w.T.astype(g.np_float)),), n, k, None)
+        # one C-ordered copy (astype would copy once to the transposed order, weight() again)
+        return Linear((g.weight(name, np.ascontiguousarray(w.T, dtype=g.np_float)),), n, k, None)
     return Linear(add_quantized(g, name, g.quantize(parts or [name], w, codec)), n, k, codec)
 
 
@@ -291,16 +363,18 @@ def build_decoder(
     recipe: Recipe,
     fused: bool = True,
     quantized: dict[str, QuantizedWeight] | None = None,
+    external: ExternalData | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """The ModelProto and {initializer: storage type}. Weights are read one at a time.
 
     `fused`: the layers of onnx_fused.py (onnxruntime contrib ops, right-padded batches, no
     position_ids input); else the plain graph of standard ops below. `quantized`: weights already
-    quantized (by canonical name), e.g. by GPTQ."""
+    quantized (by canonical name), e.g. by GPTQ. `external`: the data file the weights are
+    streamed to as they are built (the ModelProto then holds none of their bytes)."""
     from onnx import TensorProto, helper
 
     float_type = TensorProto.FLOAT16 if recipe.float_dtype == "float16" else TensorProto.FLOAT
-    g = Graph(float_type, quantized=dict(quantized or {}))
+    g = Graph(float_type, quantized=dict(quantized or {}), external=external)
     embed, lm_head = embedding_and_head(g, spec, fetch, recipe)
     if fused:
         from smolconvert.exporters.onnx_fused import build_layers
@@ -385,7 +459,7 @@ def embedding_and_head(
     codec = recipe.codec_for("embedding")
     table = fetch(name)
     if codec is None:
-        e = g.weight(name, table.astype(g.np_float))
+        e = g.weight(name, table.astype(g.np_float, copy=False))
         embed = g.op("Gather", [e, "input_ids"], "/model/embed_tokens")
         tied_head = Linear((e,), v, d, None)
     else:
@@ -416,7 +490,7 @@ def embedding_and_head(
         w = fetch("lm_head.weight")
         hc = recipe.codec_for("lm_head")
         head = (
-            Linear((g.weight("lm_head.weight", w.astype(g.np_float)),), v, d, None)
+            Linear((g.weight("lm_head.weight", w.astype(g.np_float, copy=False)),), v, d, None)
             if hc is None
             else add_linear(g, "lm_head.weight", w, hc)
         )

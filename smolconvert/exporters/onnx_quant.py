@@ -63,6 +63,10 @@ CODECS = {
 }
 
 
+# elements of a weight whose block scales are searched at once (quantize)
+SEARCH_CHUNK_ELEMENTS = 1 << 20
+
+
 def _blocks(w: Floats, block_size: int) -> Floats:
     """(N, K) -> (N, n_blocks, block_size), zero-padded along K as MatMulNBits pads."""
     n, k = w.shape
@@ -130,15 +134,23 @@ def quantize(
     """Round-to-nearest with the codec's scale search, or GPTQ against `hessian` (K, K) on that
     search's grid; given segments [(rows, H), ...], each row range on its own Hessian."""
     x = _blocks(np.asarray(w, np.float32), codec.block_size)
+    # The scale searches hold ~10 float temporaries of their input; every row block is searched on
+    # its own (the sums are sequential per block), so chunks of rows give the same bytes while
+    # bounding that to a few MB (the whole 1.7B embedding took GBs).
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
+    chunks = [x[i : i + step] for i in range(0, max(len(x), 1), step)]
     zero_points: NDArray | None
     if codec.zero_point == "none":
-        scales, levels = _symmetric(x, codec.bits)
+        found = [_symmetric(c, codec.bits) for c in chunks]
+        scales, levels = (np.concatenate(parts) for parts in zip(*found, strict=True))
         zeros = np.full(scales.shape, 1 << (codec.bits - 1), np.float32)
         zero_points = None
     else:
-        scales, zp, levels = _asymmetric_uint8(x, codec.bits)
+        found3 = [_asymmetric_uint8(c, codec.bits) for c in chunks]
+        scales, zp, levels = (np.concatenate(parts) for parts in zip(*found3, strict=True))
         zeros = zp.astype(np.float32)
         zero_points = _pack(zp, codec.bits)
+    del chunks, x
     scales = scales.astype(np.float32)
     if hessian is not None:
         segments = hessian if isinstance(hessian, list) else [(len(w), hessian)]
@@ -149,7 +161,7 @@ def quantize(
             r = gptq(w32[rows], h, codec.bits, codec.block_size, scales[rows], zeros[rows])
             parts.append(r)
             start += n
-        levels = np.concatenate([r.levels for r in parts]).reshape(x.shape)
+        levels = np.concatenate([r.levels for r in parts]).reshape(levels.shape)
         scales = np.concatenate([r.scales for r in parts])
     return QuantizedWeight(
         codec, (w.shape[0], w.shape[1]), _pack(levels, codec.bits), scales, zero_points

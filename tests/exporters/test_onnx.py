@@ -466,3 +466,91 @@ def test_default_model_int4_fits_100_mb_and_answers_paris(default_model, tmp_pat
     ids = default_model.tokenizer.encode("The capital of France is")
     timing = runner.time_generation(ids, 3)
     assert default_model.tokenizer.decode(timing.tokens[:2]).strip().startswith("Paris")
+
+
+# --- determinism across processes (issue 23) ------------------------------------------------------
+
+
+def test_export_is_byte_identical_across_processes(tmp_path: Path) -> None:
+    from tests.determinism import assert_exports_identical
+
+    folder = tiny.write_folder(tmp_path / "tiny", tiny.config("smollm3"))
+    assert_exports_identical(folder, tmp_path, to="onnx:int4")
+
+
+# --- streamed weights (issue 18, scale) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+@pytest.mark.parametrize("scheme", ["fp16", "int8"])
+def test_weights_stream_to_the_data_file_onnx_save_would_write(
+    tiny_folder: Path, tmp_path: Path, scheme: str, graph: str
+) -> None:
+    """The graph built with an ExternalData sink holds no weight bytes, and the data file and the
+    graph are byte for byte what onnx.save_model(save_as_external_data=True) writes for the graph
+    built in memory (the layout every export had before weights were streamed)."""
+    import onnx
+
+    from smolconvert.exporters.onnx import EXTERNAL_DATA_MIN_BYTES
+    from smolconvert.exporters.onnx_graph import ExternalData, build_decoder
+
+    model = load_model(tiny_folder)
+
+    def fetch(name: str) -> np.ndarray:
+        return model.weights.get(name).float().numpy()
+
+    recipe, fused = RECIPES[scheme], graph == "fused"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole, _ = build_decoder(model.spec, fetch, recipe, fused=fused)
+    onnx.save_model(
+        whole,
+        str(tmp_path / "a" / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx_data",
+        size_threshold=EXTERNAL_DATA_MIN_BYTES,
+    )
+    with ExternalData(tmp_path / "b" / "model.onnx_data", EXTERNAL_DATA_MIN_BYTES) as external:
+        streamed, _ = build_decoder(model.spec, fetch, recipe, fused=fused, external=external)
+    assert max(len(t.raw_data) for t in streamed.graph.initializer) < EXTERNAL_DATA_MIN_BYTES
+    onnx.save_model(streamed, str(tmp_path / "b" / "model.onnx"))
+    for name in ("model.onnx", "model.onnx_data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name", ["int4_b32_none", "int4_b32_uint8", "int8_b32_uint8"])
+def test_scale_search_in_row_chunks_gives_the_same_bytes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quantize searches block scales a few rows at a time (bounded memory on a 1.7B embedding);
+    with and without a Hessian that must store exactly what one search over all rows stores."""
+    from smolconvert.exporters import onnx_quant
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((67, 100)) * 0.02).astype(np.float32)
+    w[3] = 0.0
+    x = torch.from_numpy(rng.standard_normal((512, 100))).double()
+    hessian = x.T @ x / len(x)
+    whole = [quantize(w, CODECS[name]), quantize(w, CODECS[name], hessian)]
+    monkeypatch.setattr(onnx_quant, "SEARCH_CHUNK_ELEMENTS", 7 * 128)  # 7 rows of 4 blocks
+    chunked = [quantize(w, CODECS[name]), quantize(w, CODECS[name], hessian)]
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.packed.tobytes() == b.packed.tobytes() and a.scales.tobytes() == b.scales.tobytes()
+        assert (a.zero_points is None) == (b.zero_points is None)
+        if a.zero_points is not None:
+            assert a.zero_points.tobytes() == b.zero_points.tobytes()
+
+
+def test_int4_without_gptq_rounds_to_nearest_and_says_so(tiny_folder: Path, tmp_path: Path) -> None:
+    import smolconvert
+
+    art = smolconvert.export(
+        tiny_folder, to="onnx:int4", out=tmp_path / "rtn", options={"gptq": "off"}
+    )
+    assert art.meta["recipe"]["gptq"] is False and art.meta["options"]["gptq"] == "off"
+    assert "calibration" not in art.meta or not art.meta["calibration"]
+    q = smolconvert.validate(art.folder, ctx=64, windows=2, latency=False).quality
+    assert q.kld_mean < 0.1  # a working 4-bit model, not garbage
+    gptq = smolconvert.export(tiny_folder, to="onnx:int4", out=tmp_path / "gptq")
+    assert gptq.meta["recipe"]["gptq"] is True and "gptq" not in gptq.meta["options"]
