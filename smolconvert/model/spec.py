@@ -335,15 +335,20 @@ def _positive_float(config: dict[str, Any], key: str, bad: list[str], default: f
     value = config.get(key)
     if value is None:
         return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not _positive_number(value):
         bad.append(f"{key} must be a finite number above 0, got {value!r}")
         return default
     return float(value)
+
+
+def _positive_number(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite and above 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _token_id(value: Any) -> int | None:
@@ -359,12 +364,7 @@ def _rope_theta(config: dict[str, Any], model_type: str, bad: list[str]) -> floa
     for key, value in (("rope_theta", config.get("rope_theta")), ("rope_parameters", nested)):
         if value is None:
             continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if not _positive_number(value):
             bad.append(f"{key} must be a finite number above 0, got {value!r}")
             return 0.0
         values[key] = float(value)
