@@ -25,7 +25,7 @@ from pathlib import Path
 import smolconvert
 from smolconvert.artifact import Artifact
 from smolconvert.validators import quality as Q
-from smolconvert.validators.coreml import open_coreml_runner
+from smolconvert.validators.coreml import CoreMLRunner
 from smolconvert.validators.runner import TorchRunner
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     del reference
     results = {}
     for label, path in candidates.items():
-        runner = open_coreml_runner(str(path), n_ctx=args.ctx)
+        runner = CoreMLRunner(str(path), n_ctx=args.ctx)
         start = time.perf_counter()
         metrics = Q.compare(ref, runner.logits)
         results[label] = {

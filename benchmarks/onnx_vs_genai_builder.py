@@ -167,32 +167,32 @@ def variants() -> dict[str, tuple[str, object, str]]:
     cache's gains are measured here, next to the builder."""
     import dataclasses
 
-    from smolconvert.exporters.onnx_quant import RECIPES
+    from smolconvert.quantizers.onnx_recipes import SCHEMES
 
     return {
-        "ours fp32": ("fp32", RECIPES["fp32"], "fused"),
-        "ours fp32 plain": ("fp32", RECIPES["fp32"], "plain"),
-        "ours int4": ("int4", RECIPES["int4"], "fused"),
+        "ours fp32": ("fp32", SCHEMES["fp32"], "fused"),
+        "ours fp32 plain": ("fp32", SCHEMES["fp32"], "plain"),
+        "ours int4": ("int4", SCHEMES["int4"], "fused"),
         "ours int4 f32kv": (
             "int4",
-            dataclasses.replace(RECIPES["int4"], kv_cache="float"),
+            dataclasses.replace(SCHEMES["int4"], kv_cache="float"),
             "fused",
         ),
-        "ours int4 plain": ("int4", RECIPES["int4"], "plain"),
-        "ours int8": ("int8", RECIPES["int8"], "fused"),
+        "ours int4 plain": ("int4", SCHEMES["int4"], "plain"),
+        "ours int8": ("int8", SCHEMES["int8"], "fused"),
     }
 
 
 def export_variant(model, scheme: str, recipe, graph: str, out: Path) -> Path:
     import smolconvert.exporters.onnx as onnx_exporter
 
-    saved = onnx_exporter.RECIPES[scheme]
-    onnx_exporter.RECIPES[scheme] = recipe
+    saved = onnx_exporter.SCHEMES[scheme]
+    onnx_exporter.SCHEMES[scheme] = recipe
     try:
         art = onnx_exporter.export_onnx(model, scheme, out, quiet=True, options={"graph": graph})
         return art.folder
     finally:
-        onnx_exporter.RECIPES[scheme] = saved
+        onnx_exporter.SCHEMES[scheme] = saved
 
 
 def main(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from smolconvert.errors import ConfigError, CorruptFileError
+from smolconvert.files import sha256_file, write_atomic
 
 try:
     import fcntl
@@ -40,14 +41,6 @@ except ImportError:  # Windows: no advisory locks, so concurrent exports are not
 ARTIFACT_FILE = "artifact.json"
 META_HASH = "meta_sha256"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def meta_digest(meta: dict[str, Any]) -> str:
@@ -62,18 +55,12 @@ def seal(meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, META_HASH: meta_digest(meta)}
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: a temporary name in the same folder, then a rename. An artifact.json is sealed
-    here, so every writer (export, validate, release) leaves a hash that matches what it wrote."""
+def write_json(path: Path, obj: Any, indent: int = 2, sort_keys: bool = True) -> None:
+    """Atomic (write_atomic). An artifact.json is sealed here, so every writer (export,
+    validate, release) leaves a hash that matches what it wrote."""
     if path.name == ARTIFACT_FILE and isinstance(obj, dict):
         obj = seal(obj)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def file_entries(folder: Path) -> list[dict[str, Any]]:
@@ -484,7 +471,8 @@ def staging(out: Path) -> Iterator[Path]:
         except BaseException as e:
             shutil.rmtree(stage, ignore_errors=True)
             if _write_error(e, out):
-                raise ConfigError(f"cannot write the artifact {out}: {e.strerror}") from None
+                reason = getattr(e, "strerror", None) or e
+                raise ConfigError(f"cannot write the artifact {out}: {reason}") from None
             raise
 
 

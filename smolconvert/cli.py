@@ -16,8 +16,9 @@ from typing import Any
 
 import click
 
-import smolconvert
+from smolconvert import api
 from smolconvert.errors import SmolconvertError
+from smolconvert.version import __version__
 
 STRICT_HELP = (
     "Refuse config.json fields smolconvert does not know (default: warn, record them in "
@@ -47,7 +48,8 @@ class _Group(click.Group):
             click.echo(e.format_message())
             sys.exit(0)
         except click.ClickException as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) else ""
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
             sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -75,7 +77,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(smolconvert.__version__, prog_name="smolconvert")
+@click.version_option(__version__, prog_name="smolconvert")
 @click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
 def cli(debug: bool) -> None:
     """Convert small language models for every device runtime and verify each artifact."""
@@ -91,8 +93,8 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, strict_config: bool)
 
     SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
     """
-    model = smolconvert.load(source, allow_pickle=allow_pickle, strict_config=strict_config)
-    info = _describe(model)
+    model = api.load(source, allow_pickle=allow_pickle, strict_config=strict_config)
+    info = model.describe()
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -118,37 +120,6 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, strict_config: bool)
     click.echo("\n".join(lines))
 
 
-def _describe(model: Any) -> dict[str, Any]:
-    s = model.spec
-    tok = model.tokenizer
-    files = [{"path": str(p), "size_bytes": p.stat().st_size} for p in model.weights.files()]
-    return {
-        "source": model.source,
-        "name": model.name,
-        "origin": model.origin,
-        "architecture": s.architecture,
-        "n_params": s.n_params,
-        "spec": s.to_dict(),
-        "no_rope_layers": [i for i, r in enumerate(s.rope_layers) if not r],
-        "tokenizer": {
-            "model": "bpe",
-            "pre": tok.pre,
-            "vocab_size": tok.vocab_size,
-            "bos": tok.special.bos,
-            "eos": tok.special.eos,
-            "unk": tok.special.unk,
-            "pad": tok.special.pad,
-            "add_bos": tok.special.add_bos,
-            "chat_template": tok.chat_template is not None,
-        },
-        "storage_types": dict(sorted(Counter(model.storage_types().values()).items())),
-        "files": files,
-        "size_bytes": sum(f["size_bytes"] for f in files),
-        "metadata": model.metadata,
-        "ignored_config_fields": list(model.ignored_config_fields),
-    }
-
-
 @cli.command()
 @click.argument("source", required=False)
 @click.option("--to", "to", metavar="FAMILY:SCHEME", help="Target, e.g. gguf:q4_k_m or gguf:q8_0.")
@@ -171,29 +142,17 @@ def _describe(model: Any) -> dict[str, Any]:
     help="UTF-8 calibration text for the importance matrix (implies --imatrix).",
 )
 @click.option(
-    "--layout",
-    default=None,
-    help="ONNX folder layout: transformers.js or genai (see `export --list`).",
-)
-@click.option(
-    "--kv-cache",
-    default=None,
-    help="KV cache. Core ML: stateful (iOS 18 / macOS 15) or stateless (iOS 17). ONNX: auto "
-    "(int8 for onnx:int8/int4, else float), float or int8.",
-)
-@click.option(
-    "--mlc-scales",
-    default=None,
-    help="MLC group scales: mlc (bit-identical to mlc_llm convert_weight) or search.",
-)
-@click.option(
     "-O",
     "--option",
     "extra",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Any other exporter option (repeatable; see `export --list`).",
+    help="A target family's option, e.g. -O layout=genai for ONNX or -O kv_cache=stateless for "
+    "Core ML (repeatable; `export --list` shows every option with its values).",
 )
+@click.option("--layout", default=None, hidden=True)  # 0.1 spellings of -O: one more release
+@click.option("--kv-cache", default=None, hidden=True)
+@click.option("--mlc-scales", default=None, hidden=True)
 @click.option("--list", "list_schemes", is_flag=True, help="List every target with bits/weight.")
 @click.option("--allow-pickle", is_flag=True, help="Load PyTorch pickle checkpoints (runs code).")
 @click.option(
@@ -224,18 +183,7 @@ def export(
     onnxruntime-genai, coreml:<precision> for Core ML, mlc:<scheme> for MLC LLM.
     """
     if list_schemes:
-        from smolconvert.exporters import FAMILIES
-
-        rows = [r for f in FAMILIES.values() for r in f.schemes()]
-        if as_json:
-            click.echo(json.dumps(rows, indent=2, sort_keys=True))
-            return
-        for r in rows:
-            mixture = f"  ({', '.join(r['mixture'])})" if r.get("mixture") else ""
-            click.echo(f"{r['target']:<16} {r['bits_per_weight']:5.2f} bits/weight{mixture}")
-        for f in FAMILIES.values():
-            for key, values in f.options().items():
-                click.echo(f"option {f.name} {key}: {' | '.join(values)} (default {values[0]})")
+        _list_targets(as_json)
         return
     if source is None or to is None:
         raise click.UsageError("give SOURCE and --to FAMILY:SCHEME (or --list)")
@@ -245,10 +193,12 @@ def export(
         if not sep or not key:
             raise click.UsageError(f"--option takes KEY=VALUE, got {item!r}")
         options[key.strip().replace("-", "_")] = value.strip()
-    for key, value in (("layout", layout), ("kv_cache", kv_cache), ("mlc_scales", mlc_scales)):
-        if value is not None:
-            options[key] = value
-    art = smolconvert.export(source, to=to, options=options, quiet=False, **kwargs)
+    for key, alias in (("layout", layout), ("kv_cache", kv_cache), ("mlc_scales", mlc_scales)):
+        if alias is not None:
+            flag = "--" + key.replace("_", "-")
+            click.echo(f"warning: {flag} is now -O {key}={alias}; {flag} goes in 0.3", err=True)
+            options.setdefault(key, alias)
+    art = api.export(source, to=to, options=options, quiet=False, **kwargs)
     if as_json:
         click.echo(json.dumps(art.meta, indent=2, sort_keys=True))
         return
@@ -257,6 +207,34 @@ def export(
         f"wrote {art.folder} ({art.size_bytes / 1e6:.1f} MB): "
         + ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
     )
+
+
+def _list_targets(as_json: bool) -> None:
+    from smolconvert.options import option_choices, option_help
+    from smolconvert.targets import FAMILIES
+
+    rows = [r for f in FAMILIES.values() for r in f.describe()]
+    options = [
+        {
+            "family": f.name,
+            "option": key,
+            "values": list(values),
+            "help": option_help(f.options)[key],
+        }
+        for f in FAMILIES.values()
+        for key, values in option_choices(f.options).items()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    for r in rows:
+        mixture = f"  ({', '.join(r['mixture'])})" if r.get("mixture") else ""
+        click.echo(f"{r['target']:<16} {r['bits_per_weight']:5.2f} bits/weight{mixture}")
+    for o in options:
+        values = " | ".join(o["values"])
+        click.echo(
+            f"-O {o['option']}=  ({o['family']}) {values} (default {o['values'][0]}): {o['help']}"
+        )
 
 
 @cli.command()
@@ -306,7 +284,7 @@ def validate(source: str, as_json: bool, **options: Any) -> None:
     ratio to the reference, KL divergence (mean, p99, max), top-1 agreement, time to first token,
     decode tokens/s, peak RSS and size, all on the same tokens.
     """
-    report = smolconvert.validate(source, quiet=False, **options)
+    report = api.validate(source, quiet=False, **options)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
         return
@@ -369,7 +347,7 @@ def release_run(config: Path, shard: str | None, force: bool, json_events: bool)
     def emit(event: dict[str, Any]) -> None:
         click.echo(json.dumps(event, sort_keys=True))
 
-    result = smolconvert.release(
+    result = api.release(
         config, shard=shard, force=force, quiet=False, events=emit if json_events else None
     )
     _finish_release(result, json_events)
@@ -380,7 +358,7 @@ def release_run(config: Path, shard: str | None, force: bool, json_events: bool)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def release_merge(dirs: tuple[Path, ...], out: Path) -> None:
     """Join shard outputs (DIR...) into one release with one manifest and report in OUT."""
-    _finish_release(smolconvert.merge_releases(list(dirs), out), json_events=False)
+    _finish_release(api.merge_releases(list(dirs), out), json_events=False)
 
 
 def _finish_release(result: Any, json_events: bool) -> None:

@@ -223,7 +223,7 @@ def _from_dict(data: dict[str, Any], base: Path, lines: _Lines, where: str) -> R
 
 
 def _targets(raw: Any, lines: _Lines, where: str, latency: bool) -> tuple[TargetConfig, ...]:
-    from smolconvert.exporters import parse_target
+    from smolconvert.targets import parse_target
 
     if not isinstance(raw, list) or not raw:
         raise ConfigError(

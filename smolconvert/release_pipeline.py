@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smolconvert import __version__
 from smolconvert import artifact as A
 from smolconvert.artifact import ARTIFACT_FILE, Artifact, tool_versions, write_json
 from smolconvert.errors import ConfigError, CorruptFileError
+from smolconvert.files import write_atomic
 from smolconvert.release_config import ReleaseConfig, TargetConfig, load_config
 from smolconvert.validators import gates, report
+from smolconvert.version import __version__
 
 MANIFEST_FILE = "manifest.json"
 REFERENCE_FILE = ".reference-latency.json"
@@ -56,7 +57,6 @@ class ReleaseResult:
 # and the parts that decide its measurements (every runner, as runners share helpers such as the
 # Core ML evaluator): a change there rebuilds or re-measures; a change elsewhere (the CLI, another
 # family's exporter) does not.
-BUILD_CODE = ("model/*.py", "quantizers/*.py", "artifact.py", "texts.py")
 VALIDATE_CODE = ("validators/*.py", "model/*.py", "texts.py")  # runners share helpers
 
 
@@ -141,8 +141,8 @@ def _run(
     force: bool,
     progress: _Progress,
 ) -> ReleaseResult:
-    from smolconvert.exporters import FAMILIES
     from smolconvert.model.source import load_model
+    from smolconvert.targets import FAMILIES
     from smolconvert.texts import default_calibration_text, load_text
     from smolconvert.validators.quality import load_eval_text
 
@@ -169,9 +169,7 @@ def _run(
                 "target": t.target,
                 "options": t.options,
                 "imatrix": calibration.sha256 if t.imatrix else None,
-                "code": code_sha256(
-                    *BUILD_CODE, f"exporters/{t.family}.py", f"exporters/{t.family}_*.py"
-                ),
+                "code": family.code_sha256(),
                 "libraries": tool_versions(*family.libraries),
             }
         )
@@ -326,7 +324,7 @@ def _reference_latency(
         if not sound:
             progress("cache_invalid", f"{path.name} is damaged or edited; timing again")
         elif cached.get("key") == key:
-            return cached["latency"]  # type: ignore[no-any-return]
+            return cached["latency"]
     progress("reference_latency", "timing the fp32 reference decoder (next: manifest and report)")
     windows = tokenize_windows(model.tokenizer, text, cfg.ctx, 1)
     latency = measure_reference_latency(model, windows, cfg.threads).to_dict()
@@ -407,9 +405,7 @@ def write_outputs(out: Path, manifest: dict[str, Any], wall_s: float) -> None:
         ("report.md", report.markdown(manifest, rows)),
         ("report.html", report.html(manifest, rows)),
     ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_atomic(out / name, text)
 
 
 def merge(dirs: list[str | Path], out: str | Path) -> ReleaseResult:

@@ -90,7 +90,7 @@ def test_release_builds_gates_and_caches(tmp_path: Path) -> None:
 
 
 def test_interrupted_release_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from smolconvert.exporters import Family
+    from smolconvert.targets import Family
 
     cfg = write_config(tmp_path)
     real = Family.export

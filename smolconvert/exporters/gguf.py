@@ -1,5 +1,5 @@
 """GGUF export for llama.cpp and Ollama: metadata, tokenizer and tensors as llama.cpp's converter
-writes them, quantized by our codecs under llama.cpp's mixture rules (quantizers/recipes.py).
+writes them, quantized by our codecs under llama.cpp's mixture rules (quantizers/gguf_recipes.py).
 
 Tensors are streamed: the header and tensor table are written from the plan first, then each tensor
 is read, permuted (Q/K rows), quantized and written before the next is read, so peak memory is one
@@ -17,15 +17,16 @@ import numpy as np
 
 from smolconvert import artifact as A
 from smolconvert import progress
-from smolconvert.errors import UnsupportedError
+from smolconvert.errors import UnsupportedError, ValidationError
 from smolconvert.model import gguf_layout
 from smolconvert.model.imatrix import Imatrix
 from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import canonical_names, expected_shape
-from smolconvert.quantizers.recipes import get_recipe, tensor_codec
+from smolconvert.options import GgufOptions
+from smolconvert.quantizers.gguf_recipes import SCHEMES, get_scheme, tensor_codec
+from smolconvert.quantizers.registry import get_codec
 
-OPTIONS: dict[str, tuple[str, ...]] = {}  # GGUF has no layout choices; the scheme says it all
 LAYOUT_NOTE = "llama.cpp @ 0c1e57098 (llama-cpp-python 0.3.36), gguf-py 0.19"
 
 
@@ -49,7 +50,7 @@ class TensorPlan:
 def plan(spec: ModelSpec, scheme: str, has_imatrix: bool = False) -> list[TensorPlan]:
     """Every tensor with the codec llama.cpp's quantize would choose for this scheme."""
     check_representable(spec)
-    recipe = get_recipe(scheme)
+    recipe = get_scheme(scheme)
     gqa = spec.n_heads // spec.n_kv_heads
     out = []
     for name in canonical_names(spec):
@@ -78,10 +79,8 @@ def export_gguf(
     out: Path,
     imatrix: Imatrix | None = None,
     quiet: bool = False,
-    options: dict[str, str] | None = None,
+    options: GgufOptions | None = None,
 ) -> A.Artifact:
-    from smolconvert.quantizers import get_codec
-
     spec = model.spec
     tensors = plan(spec, scheme, imatrix is not None)
     step = progress.Steps(quiet)
@@ -104,8 +103,12 @@ def export_gguf(
                 if heads is not None:
                     w = gguf_layout.permute_qk(w, heads)
                 importance = imatrix.get(t.name) if imatrix is not None else None
-                data = get_codec(t.codec).quantize(np.ascontiguousarray(w, np.float32), importance)
-                assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
+                codec = get_codec(t.codec, "gguf")
+                data = codec.quantize(np.ascontiguousarray(w, np.float32), importance)
+                if data.nbytes != t.nbytes:  # the header already promised t.nbytes
+                    raise ValidationError(
+                        f"{t.name}: {t.codec} wrote {data.nbytes} bytes, the plan {t.nbytes}"
+                    )
                 writer.write_tensor_data(data)
                 bar.update(1)
         writer.close()
@@ -133,7 +136,7 @@ def _write_metadata(
     w: gguf.GGUFWriter, model: CanonicalModel, scheme: str, imatrix: Imatrix | None
 ) -> None:
     spec, meta = model.spec, model.metadata
-    recipe = get_recipe(scheme)
+    recipe = get_scheme(scheme)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(model.name)
     for key, adder in (
@@ -179,6 +182,11 @@ def _write_tokenizer(w: gguf.GGUFWriter, model: CanonicalModel) -> None:
             f"{model.spec.vocab_size}; llama.cpp needs them equal"
         )
     w.add_tokenizer_model(vocab.model)
+    if vocab.pre is None:  # llama.cpp's converter refuses such a tokenizer too
+        raise UnsupportedError(
+            "the tokenizer's pre-tokenizer matches none llama.cpp knows, and GGUF needs its "
+            "name (tokenizer.ggml.pre); see model/tokenizer.py PRE_TOKENIZERS"
+        )
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.token_types)
@@ -202,16 +210,13 @@ def _write_tokenizer(w: gguf.GGUFWriter, model: CanonicalModel) -> None:
 
 
 def describe_schemes() -> list[dict[str, Any]]:
-    from smolconvert.quantizers import CODECS
-    from smolconvert.quantizers.recipes import RECIPES
-
     return [
         {
             "target": f"gguf:{name}",
-            "default_codec": r.default,
-            "bits_per_weight": CODECS[r.default].bits_per_weight,
-            "block_size": CODECS[r.default].block_size,
-            "mixture": [f"{x.role}->{x.codec}" for x in r.rules],
+            "default_codec": s.default,
+            "bits_per_weight": get_codec(s.default, "gguf").bits_per_weight,
+            "block_size": get_codec(s.default, "gguf").block_size,
+            "mixture": [f"{x.role}->{x.codec}" for x in s.recipe.rules],
         }
-        for name, r in sorted(RECIPES.items())
+        for name, s in sorted(SCHEMES.items())
     ]

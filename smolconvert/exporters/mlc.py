@@ -11,11 +11,9 @@ interface/convert_weight.py) and TVM 0.27 `tvm.contrib.tvmjs.dump_tensor_cache`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,112 +22,31 @@ from numpy.typing import NDArray
 
 from smolconvert import artifact as A
 from smolconvert import progress
-from smolconvert.errors import UnsupportedError
+from smolconvert.errors import UnsupportedError, ValidationError
 from smolconvert.model.imatrix import Imatrix
+from smolconvert.model.mlc_layout import (
+    SCHEMES,
+    UNQUANTIZED,
+    MLCParam,
+    bf16_round,
+    f32_to_bf16,
+    model_dtype,
+    plan,
+)
 from smolconvert.model.source import CanonicalModel
-from smolconvert.model.spec import ModelSpec
+from smolconvert.options import MlcOptions
 from smolconvert.quantizers import group
 
-OPTIONS: dict[str, tuple[str, ...]] = {"mlc_scales": group.SCALE_MODES}
 LAYOUT_NOTE = (
     "mlc-llm @ 01ced331 (model/llama/llama_model.py, quantization/group_quantization.py, "
     "interface/convert_weight.py, interface/gen_config.py); tensor cache as TVM 0.27 "
     "tvmjs.dump_tensor_cache (f32-to-bf16, 32 MiB shards)"
 )
-UNQUANTIZED = {"q0f16": "float16", "q0f32": "float32"}  # mlc-llm NoQuantize entries
-SCHEMES = (*UNQUANTIZED, *group.GROUP_CONFIGS)
 SHARD_CAP_BYTES = 32 << 20
 CACHE_FILES = ("tensor-cache.json", "ndarray-cache.json")  # TVM >= 0.22 name, then the older one
 
 
-@dataclass(frozen=True)
-class MLCParam:
-    name: str  # MLC's parameter name
-    shape: tuple[int, ...]
-    dtype: str
-    sources: tuple[str, ...]  # canonical tensors concatenated on axis 0 (fused projections)
-    role: str  # "weight" (unquantized), "q_weight" or "q_scale"
-
-
-def model_dtype(scheme: str) -> str:
-    return UNQUANTIZED.get(scheme) or group.GROUP_CONFIGS[scheme].model_dtype
-
-
-def _linears(spec: ModelSpec) -> Iterator[tuple[str, tuple[str, ...], int, int]]:
-    """(MLC module name, canonical sources, out_features, in_features) in declaration order,
-    interleaved with the norms as None-free tuples; norms are yielded with in_features 0."""
-    d, f = spec.hidden_size, spec.intermediate_size
-    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    yield "model.embed_tokens", ("model.embed_tokens.weight",), spec.vocab_size, d
-    for i in range(spec.n_layers):
-        p = f"model.layers.{i}"
-        yield (
-            f"{p}.self_attn.qkv_proj",
-            tuple(f"{p}.self_attn.{x}_proj.weight" for x in "qkv"),
-            q + 2 * kv,
-            d,
-        )
-        yield f"{p}.self_attn.o_proj", (f"{p}.self_attn.o_proj.weight",), d, q
-        yield (
-            f"{p}.mlp.gate_up_proj",
-            (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"),
-            2 * f,
-            d,
-        )
-        yield f"{p}.mlp.down_proj", (f"{p}.mlp.down_proj.weight",), d, f
-        yield f"{p}.input_layernorm", (f"{p}.input_layernorm.weight",), d, 0
-        yield f"{p}.post_attention_layernorm", (f"{p}.post_attention_layernorm.weight",), d, 0
-    yield "model.norm", ("model.norm.weight",), d, 0
-    if not spec.tie_word_embeddings:
-        yield "lm_head", ("lm_head.weight",), spec.vocab_size, d
-
-
-def plan(spec: ModelSpec, scheme: str) -> list[MLCParam]:
-    """MLC's parameter list for LlamaForCausalLM under `scheme`, in declaration order."""
-    check_supported(spec)
-    dtype = model_dtype(scheme)
-    cfg = group.GROUP_CONFIGS.get(scheme)
-    out = []
-    for module, sources, rows, k in _linears(spec):
-        if k == 0:  # RMSNorm weight, never quantized
-            out.append(MLCParam(f"{module}.weight", (rows,), dtype, sources, "weight"))
-        elif cfg is None:
-            out.append(MLCParam(f"{module}.weight", (rows, k), dtype, sources, "weight"))
-        else:
-            wshape, sshape = cfg.packed_shape(rows, k)
-            out.append(MLCParam(f"{module}.q_weight", wshape, "uint32", sources, "q_weight"))
-            out.append(MLCParam(f"{module}.q_scale", sshape, dtype, sources, "q_scale"))
-    return out
-
-
-def check_supported(spec: ModelSpec) -> None:
-    if spec.architecture != "llama":
-        raise UnsupportedError(
-            f"MLC LLM has no {spec.architecture} model type (its Llama model applies RoPE on every "
-            "layer, SmolLM3 skips it on some); export SmolLM3 to gguf, onnx or coreml instead"
-        )
-
-
 # ----------------------------------------------------------------------------- tensor cache
-
-
-def f32_to_bf16(value: NDArray[np.float32]) -> NDArray[np.uint16]:
-    """TVM tvmjs `_convert_f32_to_bf16`: round to nearest even inside bf16's range, truncate out."""
-    value = np.ascontiguousarray(value, dtype=np.float32)
-    limit = np.array([np.finfo(np.float32).max]).astype(np.float32).view(np.uint32)
-    limit = ((limit >> 16) << 16).view(np.float32)[0]
-    bits = value.view(np.uint32)
-    bias = np.where((value < limit) & (value > -limit), ((bits >> 16) & 1) + 0x7FFF, 0)
-    return ((bits + bias.astype(np.uint32)) >> 16).astype(np.uint16)
-
-
-def bf16_to_f32(value: NDArray[np.uint16]) -> NDArray[np.float32]:
-    return (np.asarray(value, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def bf16_round(value: NDArray) -> NDArray[np.float32]:
-    """What a float32 tensor becomes after a trip through the tensor cache."""
-    return bf16_to_f32(f32_to_bf16(np.asarray(value, np.float32)))
 
 
 class TensorCacheWriter:
@@ -200,13 +117,15 @@ class TensorCacheWriter:
         written = 0
         try:
             for chunk in chunks:
-                assert str(chunk.dtype) == dtype, (chunk.dtype, dtype)
+                if str(chunk.dtype) != dtype:
+                    raise ValidationError(f"a {chunk.dtype} block for a {dtype} parameter")
                 data = f32_to_bf16(chunk) if dtype == "float32" else np.ascontiguousarray(chunk)
-                view = memoryview(data).cast("B")
+                view = data.data.cast("B")
                 fh.write(view)
                 md5.update(view)
                 written += len(view)
-            assert written == nbytes, f"tensor gave {written} bytes, its shape says {nbytes}"
+            if written != nbytes:
+                raise ValidationError(f"tensor gave {written} bytes, its shape says {nbytes}")
         except BaseException:
             fh.close()  # the staging folder, temporary file included, is removed by the caller
             raise
@@ -239,15 +158,9 @@ class TensorCacheWriter:
         index = {"metadata": meta, "records": self.shards}
         written = []
         for name in CACHE_FILES:
-            _write_json(self.folder / name, index, sort_keys=False)
+            A.write_json(self.folder / name, index, indent=4, sort_keys=False)
             written.append(name)
         return written
-
-
-def _write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4, sort_keys=sort_keys) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- export
@@ -290,6 +203,8 @@ def mlc_blocks(
     def q_weights(
         p: MLCParam, importance: NDArray[np.float32] | None, scales: list[NDArray]
     ) -> Iterator[NDArray]:
+        if cfg is None:
+            raise UnsupportedError(f"{p.name}: {scheme!r} quantizes nothing")
         for w in rows(p):
             q_weight, q_scale = group.quantize(w, cfg, scale_mode, importance, store)
             scales.append(q_scale)
@@ -336,10 +251,9 @@ def export_mlc(
     out: Path,
     imatrix: Imatrix | None = None,
     quiet: bool = False,
-    options: dict[str, str] | None = None,
+    options: MlcOptions | None = None,
 ) -> A.Artifact:
-    options = {k: v[0] for k, v in OPTIONS.items()} | dict(options or {})
-    scale_mode = options["mlc_scales"]
+    scale_mode: str = (options or MlcOptions()).mlc_scales
     if scheme not in SCHEMES:
         raise UnsupportedError(f"unknown MLC scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     spec = model.spec
@@ -357,10 +271,14 @@ def export_mlc(
                 writer.add_chunks(p.name, p.shape, p.dtype, _checked(p, blocks))
                 seen.append(p.name)
         missing = sorted({p.name for p in params} - set(seen))
-        assert not missing, f"unwritten MLC parameters: {missing}"
+        stray = sorted(set(seen) - {p.name for p in params})
+        if missing or stray:
+            raise ValidationError(f"MLC parameters unwritten: {missing}; not in the plan: {stray}")
         cache_files = writer.finish(spec.n_params)
         tokenizer_files = _save_tokenizer(model, stage)
-        _write_json(stage / "mlc-chat-config.json", chat_config(model, scheme, tokenizer_files))
+        A.write_json(
+            stage / "mlc-chat-config.json", chat_config(model, scheme, tokenizer_files), indent=4
+        )
         meta = {
             "format": "mlc",
             "target": "mlc",
@@ -396,7 +314,11 @@ def export_mlc(
 def _checked(p: MLCParam, blocks: Iterator[NDArray]) -> Iterator[NDArray]:
     """The blocks, each checked against the plan's shape (rows aside) and dtype."""
     for block in blocks:
-        assert tuple(block.shape[1:]) == p.shape[1:] and str(block.dtype) == p.dtype, p
+        if tuple(block.shape[1:]) != p.shape[1:] or str(block.dtype) != p.dtype:
+            raise ValidationError(
+                f"{p.name}: a {block.dtype} block of shape {block.shape}, the plan says "
+                f"{p.dtype} rows of {p.shape[1:]}"
+            )
         yield block
 
 

@@ -4,7 +4,7 @@ Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm in one kerne
 for q/k/v packed along N (two, concatenated, when k and v keep more bits than q),
 GroupQueryAttention (RoPE from cos/sin tables, the KV cache append, GQA and softmax in one
 kernel), one projection for gate/up, and the down projection. That is the shape of the
-onnxruntime-genai builder's CPU graph; the plain graph (onnx_graph.py) needs ~3x the nodes,
+onnxruntime-genai builder's CPU graph; the plain graph (onnx_plain.py) needs ~3x the nodes,
 and at decode time node overhead is most of the work (measured in
 benchmarks/onnx_vs_genai_builder.py).
 
@@ -20,16 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smolconvert.exporters.onnx_graph import (
-    MS_DOMAIN,
-    Fetch,
-    Graph,
-    Linear,
-    add_linear,
-    linear,
-)
-from smolconvert.exporters.onnx_quant import Recipe, codec_runs
+from smolconvert.exporters.onnx_ops import MS_DOMAIN, Graph, Linear, Weights, add_linear, linear
 from smolconvert.model.spec import ModelSpec
+from smolconvert.quantizers.onnx_recipes import codec_runs
 
 
 @dataclass(frozen=True)
@@ -76,25 +69,22 @@ def gqa_inputs(g: Graph, spec: ModelSpec) -> GqaInputs:
     return GqaInputs(seqlens, total, cos, sin)
 
 
-def _packed(
-    g: Graph, name: str, fetch: Fetch, parts: list[str], recipe: Recipe
-) -> list[tuple[str, Linear]]:
+def _packed(g: Graph, weights: Weights, name: str, parts: list[str]) -> list[tuple[str, Linear]]:
     """Projections for several weights that read the same input: one per run of parts with one
     codec, stacked along N (rows), as (node name, Linear). Quantization is per row block, so this
     stores exactly what separate projections would. One run is stored as `name` (e.g.
     `...self_attn.qkv_proj`); several by their parts (`...self_attn.q_proj.weight` and
     `...self_attn.kv_proj` when k and v keep more bits than q)."""
-    runs = codec_runs(recipe, parts)
+    runs = codec_runs(weights.plan, parts)
     out = []
-    for codec, run in runs:
-        w = np.concatenate([fetch(p) for p in run], axis=0)
+    for _, run in runs:
         kinds = [p.split(".")[-2].removesuffix("_proj") for p in run]  # "q", "gate", ...
         short = ("".join(kinds) if all(len(k) == 1 for k in kinds) else "_".join(kinds)) + "_proj"
         if len(runs) == 1:
             stored = name
         else:
             stored = run[0] if len(run) == 1 else f"{run[0].rsplit('.', 2)[0]}.{short}"
-        out.append((short, add_linear(g, stored, w, codec, run)))
+        out.append((short, add_linear(g, weights, stored, run)))
     return out
 
 
@@ -104,14 +94,16 @@ def _projected(g: Graph, x: str, runs: list[tuple[str, Linear]], prefix: str, ac
     return outs[0] if len(outs) == 1 else g.op("Concat", outs, f"{prefix}/packed", axis=-1)
 
 
-def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed: str) -> str:
+def fused_layers(
+    g: Graph, spec: ModelSpec, weights: Weights, accuracy_level: int, embed: str
+) -> str:
     """All decoder layers and the final norm: embeddings (B, T, d) -> normed hidden states."""
     nh, kv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    acc = recipe.accuracy_level
+    acc = accuracy_level
     gi = gqa_inputs(g, spec)
 
     def norm_weight(name: str) -> str:
-        return g.weight(name, fetch(name).astype(g.np_float))
+        return g.weight(name, weights.float32(name).astype(g.np_float))
 
     first = norm_weight("model.layers.0.input_layernorm.weight")
     x = g.op(  # onnxruntime's RMSNorm kernel (stash_type 1: fp32 statistics for fp16 graphs)
@@ -126,32 +118,17 @@ def build_layers(g: Graph, spec: ModelSpec, fetch: Fetch, recipe: Recipe, embed:
     for i in range(spec.n_layers):
         p, q = f"model.layers.{i}", f"/model/layers.{i}"
         qkv_runs = _packed(
-            g,
-            f"{p}.self_attn.qkv_proj",
-            fetch,
-            [f"{p}.self_attn.{t}_proj.weight" for t in "qkv"],
-            recipe,
+            g, weights, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{t}_proj.weight" for t in "qkv"]
         )
-        o_w = add_linear(
-            g,
-            f"{p}.self_attn.o_proj.weight",
-            fetch(f"{p}.self_attn.o_proj.weight"),
-            recipe.codec_for("linear"),
-        )
+        o_w = add_linear(g, weights, f"{p}.self_attn.o_proj.weight")
         post = norm_weight(f"{p}.post_attention_layernorm.weight")
         gate_up_runs = _packed(
             g,
+            weights,
             f"{p}.mlp.gate_up_proj",
-            fetch,
             [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"],
-            recipe,
         )
-        down_w = add_linear(
-            g,
-            f"{p}.mlp.down_proj.weight",
-            fetch(f"{p}.mlp.down_proj.weight"),
-            recipe.codec_for("linear"),
-        )
+        down_w = add_linear(g, weights, f"{p}.mlp.down_proj.weight")
         qkv = _projected(g, x, qkv_runs, f"{q}/self_attn", acc)
         rotary = spec.rope_layers[i]
         context = f"{q}/self_attn/gqa"

@@ -13,12 +13,9 @@ come from running the float-cache graph itself in onnxruntime on the built-in ca
   angle; its maximum over the calibration tokens is the scale of both (layers without RoPE keep
   the per-channel maximum).
 
-Measured on SmolLM2-135M int4 (onnxruntime 1.32, 2 threads, 4 windows): mean KLD 0.0635 with a
-float cache, 0.0655 with this one (per-channel maxima for keys too: 0.0642 in a trial; one scale
-per tensor: 0.0684). Decode against the float cache, paired (benchmarks/onnx_vs_genai_builder.py):
-~1.2x in onnxruntime, which copies past into present every step, and ~1.05x in
-onnxruntime-genai, which writes its cache in place, from 128 to 608 tokens of context; ~1.6x and
-~1.2x from 2048 to 2528 tokens.
+It costs a little quality and speeds decoding up most at long contexts, where the cache is most
+of the bytes a step reads; the figures, against a float cache and other scale choices, are in
+docs/onnx.md (measured with benchmarks/onnx_vs_genai_builder.py).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from smolconvert.errors import ConfigError, MissingDependencyError
+from smolconvert.errors import ConfigError, MissingDependencyError, ValidationError
 from smolconvert.model.spec import ModelSpec
 
 QMAX = 127  # int8 levels used on each side (GroupQueryAttention saturates to [-128, 127])
@@ -116,7 +113,11 @@ def quantize_kv_cache(proto: Any, scales: KvScales) -> None:
         if info.name.startswith(("past_key_values.", "present.")):
             info.type.tensor_type.elem_type = TensorProto.INT8
     layers = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(layers) == len(scales), (len(layers), len(scales))
+    if len(layers) != len(scales):
+        raise ValidationError(
+            f"int8 KV cache: {len(scales)} layers of scales for {len(layers)} GroupQueryAttention "
+            "nodes (the cache is quantized on the fused graph only)"
+        )
     for node, (k_scale, v_scale) in zip(layers, scales, strict=True):
         prefix = node.name.rsplit("/", 1)[0]  # /model/layers.N/self_attn
         names = (f"{prefix}/k_cache_scale", f"{prefix}/v_cache_scale")

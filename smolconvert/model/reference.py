@@ -9,15 +9,12 @@ It must match transformers' own model (fp32, max |delta logit| <= 1e-4); tests h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
-from smolconvert.model.spec import ModelSpec
-
-# Finite, fp16-representable, and exp(-1e4) is exactly 0 in fp32: masked keys get no weight, and a
-# fully masked row (a padding query) stays finite instead of turning into NaN.
-MASK_VALUE = -1e4
+from smolconvert.model.spec import MASK_VALUE, ModelSpec
 
 
 class RMSNorm(nn.Module):
@@ -118,9 +115,15 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, r) for r in spec.rope_layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
+    def blocks(self) -> list[DecoderLayer]:
+        """The decoder layers, typed (an nn.ModuleList yields plain Modules to a type checker)."""
+        return cast("list[DecoderLayer]", list(self.layers))
+
 
 class ReferenceDecoder(nn.Module):
     """forward(input_ids, attention_mask, position_ids, past) -> (logits, presents)."""
+
+    inv_freq: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -149,7 +152,7 @@ class ReferenceDecoder(nn.Module):
         h = self.model.embed_tokens(input_ids)  # (B, T, d)
         cos, sin, mask = self.rope_and_mask(attention_mask, position_ids, h.dtype)
         presents: list[torch.Tensor] = []
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.model.blocks()):
             a, k, v = layer.self_attn(
                 layer.input_layernorm(h), cos, sin, mask, past[2 * i], past[2 * i + 1]
             )

@@ -8,6 +8,7 @@ config.json vocabulary ModelSpec reads, so there is one code path for sizes and 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,37 @@ class CanonicalModel:
 
     def storage_types(self) -> dict[str, str]:
         return {n: self.weights.storage_type(n) for n in self.weights.names()}
+
+    def describe(self) -> dict[str, Any]:
+        """What `smolconvert inspect` shows: architecture, sizes, tokenizer, special ids, files."""
+        s = self.spec
+        tok = self.tokenizer
+        files = [{"path": str(p), "size_bytes": p.stat().st_size} for p in self.weights.files()]
+        return {
+            "source": self.source,
+            "name": self.name,
+            "origin": self.origin,
+            "architecture": s.architecture,
+            "n_params": s.n_params,
+            "spec": s.to_dict(),
+            "no_rope_layers": [i for i, r in enumerate(s.rope_layers) if not r],
+            "tokenizer": {
+                "model": "bpe",
+                "pre": tok.pre,
+                "vocab_size": tok.vocab_size,
+                "bos": tok.special.bos,
+                "eos": tok.special.eos,
+                "unk": tok.special.unk,
+                "pad": tok.special.pad,
+                "add_bos": tok.special.add_bos,
+                "chat_template": tok.chat_template is not None,
+            },
+            "storage_types": dict(sorted(Counter(self.storage_types().values()).items())),
+            "files": files,
+            "size_bytes": sum(f["size_bytes"] for f in files),
+            "metadata": self.metadata,
+            "ignored_config_fields": list(self.ignored_config_fields),
+        }
 
 
 def load_model(

@@ -18,6 +18,10 @@ from typing import Any
 from smolconvert.errors import ConfigError, UnsupportedError
 
 ARCHITECTURES = ("llama", "smollm3")
+# The additive attention mask of every graph we build and run: finite, fp16-representable, and
+# exp(-1e4) is exactly 0 in fp32, so masked keys get no weight and a fully masked row (a padding
+# query) stays finite instead of turning into NaN.
+MASK_VALUE = -1e4
 
 # The config policy (README "Config policy"). Three kinds of field:
 # - read: the fields ModelSpec is built from, each type- and range-checked;

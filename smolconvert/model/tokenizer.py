@@ -9,8 +9,6 @@ was read.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import tokenizers
 
 from smolconvert.errors import ConfigError, CorruptFileError, UnsupportedError
+from smolconvert.files import write_atomic
 
 if TYPE_CHECKING:
     import gguf
@@ -251,7 +250,7 @@ class Tokenizer:
             "tokenizer_config.json": _dumps(config),
             "special_tokens_map.json": _dumps(special_map),
         }
-        return [_write_atomic(folder / name, text) for name, text in files.items()]
+        return [write_atomic(folder / name, text) for name, text in files.items()]
 
     def gguf_vocab(self) -> GGUFVocab:
         model = json.loads(self.backend.to_str())["model"]
@@ -356,16 +355,3 @@ def _template_adds_bos(processor: dict[str, Any] | None, bos: str | None) -> boo
 
 def _dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -10,12 +10,15 @@ picks, per group, the scale minimising the (importance-weighted) squared error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from smolconvert.errors import ConfigError
+from smolconvert.quantizers.codec import Codec, Floats
 
 SCALE_MODES = ("mlc", "search")
 
@@ -106,7 +109,7 @@ def _codes(w: NDArray[np.float32], scale: NDArray[np.float32], cfg: GroupConfig)
     return q.astype(np.uint32)
 
 
-def _round(x: NDArray[np.float32], cfg: GroupConfig) -> NDArray[np.float32]:
+def _round(x: NDArray[Any], cfg: GroupConfig) -> NDArray[np.float32]:
     """Round float32 values to the nearest fp16 (ties to even) for normal-range fp16 values,
     by bit arithmetic (numpy's float16 casts are ~20x slower); no-op for float32 schemes."""
     if cfg.dtype == np.float32:
@@ -156,7 +159,7 @@ def search_scales(
     w: NDArray,
     cfg: GroupConfig,
     importance: NDArray[np.float32] | None = None,
-    stored_scale: NDArray | None = None,
+    stored_scale: Callable[[NDArray], NDArray] | None = None,
 ) -> NDArray:
     """Per group, the scale minimising sum(weight * (w - dequant(w))^2) (llama.cpp
     make_qx_quants style): candidates max|w| / (max_int + i/10), i in -10, -6, .., 10, each
@@ -213,7 +216,7 @@ def quantize(
     cfg: GroupConfig,
     scale_mode: str = "mlc",
     importance: NDArray[np.float32] | None = None,
-    stored_scale=None,
+    stored_scale: Callable[[NDArray], NDArray] | None = None,
 ) -> tuple[NDArray[np.uint32], NDArray]:
     """(rows, k) float weight -> (q_weight uint32, q_scale model dtype), MLC's NK layout.
 
@@ -228,3 +231,19 @@ def quantize(
     else:
         scale = search_scales(w, cfg, importance, stored_scale)
     return pack(quantize_codes(w, scale, cfg), cfg), scale
+
+
+def _codec(cfg: GroupConfig) -> Codec:
+    """MLC's own quantizer (scale mode "mlc") as a registry codec: encoded = (q_weight, q_scale)."""
+
+    def encode(w: Floats, importance: Floats | None) -> tuple[NDArray[np.uint32], NDArray]:
+        return quantize(np.asarray(w, np.float32), cfg)
+
+    def decode(encoded: tuple[NDArray[np.uint32], NDArray], shape: tuple[int, ...]) -> Floats:
+        q_weight, q_scale = encoded
+        return dequantize(q_weight, q_scale, int(shape[-1]), cfg).astype(np.float32)
+
+    return Codec(cfg.name, "mlc", cfg.group_size, cfg.bits_per_weight(), encode, decode, False)
+
+
+CODECS: dict[str, Codec] = {name: _codec(cfg) for name, cfg in GROUP_CONFIGS.items()}

@@ -10,6 +10,8 @@ loops over blocks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -233,7 +235,8 @@ def quantize_q6_k(x: Floats, qw: Floats | None) -> Bytes:
 
 def dequantize_q6_k(b: Bytes) -> Floats:
     n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    nibble = np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    ql: NDArray[Any] = b[:, :128].reshape(n, 2, 1, 64) >> nibble
     ql = (ql & 0xF).reshape(n, 2, 4, 32)  # element 128h + 32k + l
     shifts = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
     qh = b[:, 128:192].reshape(n, 2, 1, 32) >> shifts

@@ -12,6 +12,8 @@ and the refinement passes, never over groups.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -167,7 +169,7 @@ def make_qkx_quants(
     def levels_for(scale_num: Floats | np.float32, mn: Floats) -> Floats:
         return np.clip(nearest_int(scale_num / (vmax - mn) * (x - mn)), 0, nmax).astype(F32)
 
-    def error(scale: Floats, lv: Floats, mn: Floats) -> Floats:
+    def error(scale: NDArray[Any], lv: NDArray[Any], mn: NDArray[Any]) -> NDArray[Any]:
         diff = scale * lv + mn - x
         return seqsum(w * (np.abs(diff) if use_mad else diff * diff))
 

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from smolconvert.artifact import Artifact
 from smolconvert.errors import ConfigError, MissingDependencyError
+from smolconvert.model.spec import MASK_VALUE
 from smolconvert.validators.runner import GenerationTiming
 
-MASK_VALUE = -1e4  # as the exporter's coreml_config.json documents; exp(-1e4) is 0 in fp16 and fp32
 INSTALL_HINT = "pip install 'smolconvert[coreml]'"
 
 
@@ -148,5 +149,7 @@ class CoreMLRunner:
         return GenerationTiming(len(prompt_ids), n_new, ttft * 1e3, n_new / decode, tuple(tokens))
 
 
-def open_coreml_runner(path: str, n_ctx: int = 1024, threads: int | None = None) -> CoreMLRunner:
-    return CoreMLRunner(path, n_ctx, threads)
+def open_coreml_runner(
+    art: Artifact, n_ctx: int = 1024, threads: int | None = None
+) -> CoreMLRunner:
+    return CoreMLRunner(str(art.path("model")), n_ctx, threads)

@@ -1,4 +1,6 @@
-"""The latency protocol, measured in a fresh Python process.
+"""The latency protocol, measured in a fresh Python process, and RunnerSpec: how to open a runner
+there (kind "torch": the reference decoder on a model source; kind a target family: that family's
+runner on an artifact folder), as JSON.
 
 A 128-token prompt gives the time to first token; 128 greedy steps with the KV cache give decode
 tokens/s; the child's peak RSS is the memory the runtime needed to do it (the parent has reference
@@ -15,14 +17,43 @@ import resource
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from smolconvert.errors import SmolconvertError, ValidationError
-from smolconvert.validators.runner import RunnerSpec
+
+if TYPE_CHECKING:
+    from smolconvert.validators.runner import Runner
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """How to open a runner in any process. kind "torch": `open_torch_runner(**kwargs)`; kind a
+    target family: that family's runner on the artifact in kwargs["folder"], with n_ctx and
+    threads."""
+
+    kind: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_artifact(cls, art: Any, n_ctx: int, threads: int | None) -> RunnerSpec:
+        folder = str(art.folder.resolve())
+        return cls(art.target, {"folder": folder, "n_ctx": n_ctx, "threads": threads})
+
+    def open(self) -> Runner:
+        if self.kind == "torch":
+            from smolconvert.validators.runner import open_torch_runner
+
+            return open_torch_runner(**self.kwargs)
+        from smolconvert.artifact import Artifact
+        from smolconvert.targets import get_family
+
+        kwargs = dict(self.kwargs)
+        art = Artifact.load(kwargs.pop("folder"))
+        return get_family(self.kind).open_runner(art, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -49,7 +80,7 @@ def measure_latency(
 ) -> LatencyMetrics:
     """Open the runner in a child process, warm it up, then time one prompt + n_new decode steps."""
     request = json.dumps(
-        {"factory": spec.factory, "kwargs": spec.kwargs, "prompt": list(prompt_ids), "n_new": n_new}
+        {"kind": spec.kind, "kwargs": spec.kwargs, "prompt": list(prompt_ids), "n_new": n_new}
     )
     proc = subprocess.run(
         [sys.executable, "-m", "smolconvert.validators.latency"],
@@ -88,7 +119,7 @@ def peak_rss_mb() -> float:
 def _child() -> None:
     request = json.loads(sys.stdin.read())
     try:
-        runner = RunnerSpec(request["factory"], request["kwargs"]).open()
+        runner = RunnerSpec(request["kind"], request["kwargs"]).open()
         prompt = request["prompt"]
         runner.time_generation(prompt[:16], 4)
         timing = runner.time_generation(prompt, request["n_new"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from smolconvert.artifact import Artifact
 from smolconvert.errors import CorruptFileError, MissingDependencyError
 from smolconvert.validators.runner import GenerationTiming
 
@@ -74,6 +75,6 @@ class LlamaCppRunner:
 
 
 def open_llamacpp_runner(
-    path: str, n_ctx: int = 1024, threads: int | None = None
+    art: Artifact, n_ctx: int = 1024, threads: int | None = None
 ) -> LlamaCppRunner:
-    return LlamaCppRunner(path, n_ctx, threads)
+    return LlamaCppRunner(str(art.path("model")), n_ctx, threads)

@@ -27,20 +27,6 @@ from smolconvert.errors import CorruptFileError, MissingDependencyError, Unsuppo
 
 Tensor = torch.Tensor
 
-# MIL dtype names -> torch storage dtype (fp16 values are held in fp32 after rounding).
-_STORAGE = {
-    "fp16": torch.float32,
-    "fp32": torch.float32,
-    "int32": torch.int64,
-    "int16": torch.int64,
-    "uint16": torch.int64,
-    "int8": torch.int64,
-    "uint8": torch.int64,
-    "int4": torch.int64,
-    "uint4": torch.int64,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
 _INT_RANGE = {
     "int16": (-(2**15), 2**15 - 1),
     "uint16": (0, 2**16 - 1),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from smolconvert.artifact import Artifact
 from smolconvert.errors import CorruptFileError
 from smolconvert.validators.runner import GenerationTiming
 
@@ -48,7 +49,7 @@ def read_tensor_cache(folder: Path, prefer_tvm: bool = True) -> tuple[dict[str, 
 
 
 def _read_ourselves(index: Path) -> dict[str, NDArray]:
-    from smolconvert.exporters.mlc import bf16_to_f32
+    from smolconvert.model.mlc_layout import bf16_to_f32
 
     try:
         info = json.loads(index.read_text(encoding="utf-8"))
@@ -100,7 +101,7 @@ def canonical_tensors(tensors: dict[str, NDArray], spec: Any, scheme: str) -> di
     """MLC parameters -> canonical torch tensors (float32), dequantized as MLC's kernels do."""
     import torch
 
-    from smolconvert.exporters.mlc import plan
+    from smolconvert.model.mlc_layout import plan
     from smolconvert.model.weights import expected_shape
     from smolconvert.quantizers import group
 
@@ -116,6 +117,8 @@ def canonical_tensors(tensors: dict[str, NDArray], spec: Any, scheme: str) -> di
         else:
             k = expected_shape(spec, p.sources[0])[-1] if len(p.shape) == 2 else p.shape[0]
             base = p.name.removesuffix(".q_weight")
+            if cfg is None:
+                raise CorruptFileError(f"{p.name}: quantized, but {scheme!r} is no group scheme")
             w = group.dequantize(tensors[p.name], tensors[f"{base}.q_scale"], k, cfg)
         w = np.asarray(w, np.float32)
         rows = [expected_shape(spec, s)[0] for s in p.sources]
@@ -128,21 +131,16 @@ class MLCWeightRunner:
     runtime = "mlc (weight-level)"
     notes = NOTES
 
-    def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int | None = None) -> None:
+    def __init__(self, art: Artifact, n_ctx: int = 1024, threads: int | None = None) -> None:
         import torch
 
         from smolconvert.model.reference import build_reference
         from smolconvert.model.spec import ModelSpec
         from smolconvert.validators.runner import TorchRunner
 
-        path = Path(path)
-        folder = path if path.is_dir() else path.parent
-        meta_path = folder / "artifact.json"
-        chat = json.loads((folder / "mlc-chat-config.json").read_text(encoding="utf-8"))
-        if meta_path.is_file():
-            spec = ModelSpec(**_spec_fields(json.loads(meta_path.read_text())["spec"]))
-        else:
-            raise CorruptFileError(f"{folder}: no artifact.json next to mlc-chat-config.json")
+        folder = art.folder
+        chat = json.loads(art.path("model").read_text(encoding="utf-8"))
+        spec = ModelSpec.from_dict(art.meta["spec"])
         scheme = chat["quantization"]
         tensors, loader = read_tensor_cache(folder)
         weights = canonical_tensors(tensors, spec, scheme)
@@ -162,11 +160,7 @@ class MLCWeightRunner:
         return self.torch.time_generation(prompt_ids, n_new)
 
 
-def _spec_fields(d: dict[str, Any]) -> dict[str, Any]:
-    d = dict(d)
-    d["rope_layers"] = tuple(bool(x) for x in d["rope_layers"])
-    return d
-
-
-def open_mlc_runner(path: str, n_ctx: int = 1024, threads: int | None = None) -> MLCWeightRunner:
-    return MLCWeightRunner(path, n_ctx, threads)
+def open_mlc_runner(
+    art: Artifact, n_ctx: int = 1024, threads: int | None = None
+) -> MLCWeightRunner:
+    return MLCWeightRunner(art, n_ctx, threads)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from smolconvert.artifact import Artifact
 from smolconvert.errors import CorruptFileError, MissingDependencyError
 from smolconvert.validators.runner import GenerationTiming
 
@@ -122,6 +123,6 @@ def _kv_dims(path: Path, shape: list[Any]) -> tuple[int, int]:
 
 
 def open_onnxruntime_runner(
-    path: str, n_ctx: int = 1024, threads: int | None = None
+    art: Artifact, n_ctx: int = 1024, threads: int | None = None
 ) -> OnnxRuntimeRunner:
-    return OnnxRuntimeRunner(path, n_ctx, threads)
+    return OnnxRuntimeRunner(str(art.path("model")), n_ctx, threads)

@@ -2,16 +2,15 @@
 
 A runner answers two questions about a model on a given runtime: what are its logits for these
 tokens (quality), and how fast does it answer a prompt and decode (latency). Runners are opened from
-a RunnerSpec, a picklable (factory, arguments) pair, so latency can be measured in a fresh process
-whose peak memory belongs to the runner alone.
+a RunnerSpec (validators/latency.py), so latency can be measured in a fresh process whose peak
+memory belongs to the runner alone.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,18 +54,6 @@ class Runner(Protocol):
     def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming: ...
 
 
-@dataclass(frozen=True)
-class RunnerSpec:
-    """How to open a runner in any process: `factory` is "module:function", called with `kwargs`."""
-
-    factory: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def open(self) -> Runner:
-        module, _, func = self.factory.partition(":")
-        return getattr(importlib.import_module(module), func)(**self.kwargs)  # type: ignore[no-any-return]
-
-
 class TorchRunner:
     """The reference decoder in a chosen dtype, run with torch on the CPU."""
 
@@ -84,7 +71,7 @@ class TorchRunner:
         )
 
     def logits(self, token_ids: Sequence[int]) -> NDArray[np.float32]:
-        return self.decoder.logits(token_ids).numpy()  # type: ignore[no-any-return]
+        return self.decoder.logits(token_ids).numpy()
 
     def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming:
         import torch

@@ -17,7 +17,8 @@ from smolconvert.model.reference import build_reference
 from smolconvert.model.source import CanonicalModel
 from smolconvert.validators import latency as L
 from smolconvert.validators import quality as Q
-from smolconvert.validators.runner import RunnerSpec, TorchRunner
+from smolconvert.validators.latency import RunnerSpec
+from smolconvert.validators.runner import TorchRunner
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,7 @@ def measure_reference_latency(
     model: CanonicalModel, windows: list[list[int]], threads: int | None
 ) -> L.LatencyMetrics:
     """The fp32 reference decoder timed with the same protocol as every candidate."""
-    ref_spec = RunnerSpec(
-        "smolconvert.validators.runner:open_torch_runner",
-        {"source": model.source, "dtype": "fp32", "threads": threads},
-    )
+    ref_spec = RunnerSpec("torch", {"source": model.source, "dtype": "fp32", "threads": threads})
     return L.measure_latency(ref_spec, latency_prompt(windows))
 
 
@@ -137,22 +135,13 @@ def validate_artifact(
 ) -> ValidationReport:
     """Run an artifact in its own runtime against the model it was exported from; the report is
     also written into its artifact.json under "validation"."""
-    from smolconvert.exporters import FAMILIES
-
     if model.sha256 != art.meta["source_sha256"]:
         raise ConfigError(
             f"{art.folder} was exported from {art.meta['source']} with sha256 "
             f"{art.meta['source_sha256'][:12]}..., but that source now hashes to "
             f"{model.sha256[:12]}...; re-export the artifact"
         )
-    runner = RunnerSpec(
-        FAMILIES[art.target].runner_factory,
-        {
-            "path": str(art.path("model").resolve()),
-            "n_ctx": max(options.ctx, 512),
-            "threads": options.threads,
-        },
-    )
+    runner = RunnerSpec.for_artifact(art, max(options.ctx, 512), options.threads)
     report = validate_runner(
         model,
         runner,

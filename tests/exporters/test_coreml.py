@@ -14,8 +14,10 @@ import torch
 from click.testing import CliRunner
 
 import smolconvert
-from smolconvert.exporters.coreml import SCHEMES, const_names
+from smolconvert.exporters.coreml_compress import const_names
 from smolconvert.model.reference import build_reference
+from smolconvert.quantizers.coreml_codecs import CODECS
+from smolconvert.quantizers.coreml_recipes import SCHEMES, tensor_codec
 from smolconvert.validators.coreml import causal_mask
 from tests import tiny
 from tests.conftest import read_json, require_module
@@ -102,6 +104,15 @@ def test_evaluator_runs_the_program_like_the_reference_on_its_weights(
         original = build_reference(model.spec, source=model.weights).logits(IDS).numpy()
         assert _kld(original, got).mean() > 5 * kld.mean()
     assert set(art.meta["tensor_types"]) == set(const_names(model.spec).values())
+    # the program holds exactly what the codecs chose: packing adds no arithmetic of its own
+    for name in const_names(model.spec).values():
+        codec_name = tensor_codec(SCHEMES[scheme], name, model.spec)
+        if codec_name is None:
+            continue
+        codec = CODECS[codec_name]
+        w = model.weights.get(name).float().numpy()
+        decoded = codec.dequantize(codec.quantize(w, None), w.shape)
+        np.testing.assert_array_equal(weights[name].numpy(), decoded, err_msg=name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "smollm3"])
@@ -109,7 +120,7 @@ def test_sixteen_stateful_decode_steps_equal_the_full_sequence(tmp_path: Path, a
     from smolconvert.validators.coreml import open_coreml_runner
 
     _, art = _export(tmp_path, arch, "int4")
-    runner = open_coreml_runner(str(art.path("model")), n_ctx=256)
+    runner = open_coreml_runner(art, n_ctx=256)
     full = runner.logits(IDS[:24])
     program, state = runner.engine.program, runner.engine.make_state()
     rows = [
@@ -139,7 +150,7 @@ def test_stateless_variant_matches_and_generates(tmp_path: Path) -> None:
 
     model, art = _export(tmp_path, "llama", "int8", kv_cache="stateless")
     assert art.meta["options"] == {"kv_cache": "stateless"}
-    runner = open_coreml_runner(str(art.path("model")))
+    runner = open_coreml_runner(art)
     assert not runner.engine.stateful and runner.engine.program.states == {}
     weights = _program_weights(art.path("model"), model)
     expected = build_reference(model.spec, tensors=weights).logits(IDS).numpy()
@@ -147,30 +158,6 @@ def test_stateless_variant_matches_and_generates(tmp_path: Path) -> None:
     timing = runner.time_generation(IDS[:10], 4)
     greedy = [int(expected[9].argmax())]
     assert timing.tokens[0] == greedy[0] and len(timing.tokens) == 5
-
-
-@pytest.mark.parametrize("codec", ["lut4", "lut6", "lut8"])
-def test_palettization_keeps_outliers_and_resolves_typical_weights(codec: str) -> None:
-    """Rows with a few large weights (SmolLM2's o_proj/down_proj have them): plain k-means spends no
-    table entry on them, which ruined the default model (KLD 11). The pinned extremes keep them,
-    and the typical weights must still be resolved finely."""
-    from smolconvert.exporters.coreml import CODECS
-    from smolconvert.validators.mil_eval import _lut_to_dense
-
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((32, 96)) * 0.02).astype(np.float32)
-    outliers = [(3, 5, 1.0), (20, 7, -0.8), (21, 50, 0.5)]
-    for r, c, v in outliers:
-        w[r, c] = v
-    enc = CODECS[codec].encode(w)
-    arrays = {k: torch.from_numpy(np.asarray(v).astype(np.float32)) for k, v in enc.arrays.items()}
-    arrays["indices"] = torch.from_numpy(np.asarray(enc.arrays["indices"]).astype(np.int64))
-    got = _lut_to_dense(arrays).numpy()
-    for r, c, v in outliers:
-        assert abs(got[r, c] - v) < 1e-3 * abs(v), (r, c, got[r, c], v)
-    clean = [r for r in range(w.shape[0]) if r not in {r for r, _, _ in outliers}]
-    rel = np.sqrt(((got - w)[clean] ** 2).mean() / (w[clean] ** 2).mean())
-    assert rel < {"lut4": 0.12, "lut6": 0.05, "lut8": 0.02}[codec], rel
 
 
 def test_artifact_folder_and_meta(tmp_path: Path) -> None:
@@ -233,6 +220,7 @@ def test_module_imports_without_coremltools() -> None:
 
     code = (
         "import sys; import smolconvert.exporters.coreml as m, smolconvert.validators.coreml; "
+        "import smolconvert.quantizers.coreml_codecs, smolconvert.quantizers.coreml_recipes; "
         "m.describe_schemes(); assert 'coremltools' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -266,7 +254,7 @@ def test_default_model_int4_converts_and_scores(default_model, default_reference
     assert size <= 80e6, size
     ids = default_model.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
     expected = default_reference.logits(ids).numpy()
-    got = open_coreml_runner(str(art.path("model"))).logits(ids)
+    got = open_coreml_runner(art).logits(ids)
     assert _kld(expected, got).mean() < 0.3
     assert expected[-1].argmax() == got[-1].argmax()
 

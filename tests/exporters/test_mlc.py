@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from smolconvert.errors import UnsupportedError
-from smolconvert.exporters import FAMILIES, mlc
+from smolconvert.exporters import mlc
+from smolconvert.model import mlc_layout
 from smolconvert.quantizers import group
+from smolconvert.targets import FAMILIES
 from tests import tiny
 from tests.conftest import read_json, require_module
 
@@ -72,7 +74,7 @@ def test_tvm_load_unpack_equals_our_dequantized(
         if src.ndim == 1:  # norms: the model dtype, and bf16 on disk for float32 (f32-to-bf16)
             want = src.astype(cfg.dtype).astype(np.float32)
             if cfg.model_dtype == "float32":
-                want = mlc.bf16_round(want)
+                want = mlc_layout.bf16_round(want)
             assert torch.equal(w, torch.from_numpy(want)), name
             continue
         dtype_src = src.astype(cfg.dtype).astype(np.float32)
@@ -81,8 +83,8 @@ def test_tvm_load_unpack_equals_our_dequantized(
         assert err.max() <= (step * 1.6).max(), name  # within the quantization step
     # The packed words and scales TVM read are the ones the codec makes from the source, and
     # unpacking them gives the same weights as our dequantization of those codes.
-    store = mlc.bf16_round if cfg.model_dtype == "float32" else None
-    for p in mlc.plan(tiny_model.spec, scheme):
+    store = mlc_layout.bf16_round if cfg.model_dtype == "float32" else None
+    for p in mlc_layout.plan(tiny_model.spec, scheme):
         if p.role != "q_weight":
             continue
         w = np.concatenate([tiny_model.weights.get(s).float().numpy() for s in p.sources])
@@ -104,7 +106,7 @@ def test_runner_logits_track_reference(tiny_model, tmp_path: Path, scheme: str) 
     from smolconvert.validators.mlc import open_mlc_runner
 
     art = _export(tiny_model, scheme, tmp_path / scheme)
-    runner = open_mlc_runner(str(art.path("model")))
+    runner = open_mlc_runner(art)
     assert any("weight-level" in n for n in runner.notes)
     assert any("latency" in n for n in runner.notes)
     ids = list(range(3, 40))
@@ -130,9 +132,7 @@ def test_search_lowers_error_on_tiny(tiny_model, tmp_path: Path) -> None:
     for mode in group.SCALE_MODES:
         art = _export(tiny_model, "q4f16_1", tmp_path / mode, mode)
         assert art.meta["options"]["mlc_scales"] == mode
-        got = torch.log_softmax(
-            torch.from_numpy(open_mlc_runner(str(art.path("model"))).logits(ids)), -1
-        )
+        got = torch.log_softmax(torch.from_numpy(open_mlc_runner(art).logits(ids)), -1)
         kld[mode] = float((ref.exp() * (ref - got)).sum(-1).mean())
     assert kld["search"] < kld["mlc"]
 
@@ -227,7 +227,7 @@ def test_default_model_q4f16_1_is_mlc_bit_identical(default_model, tmp_path: Pat
 
     art = _export(default_model, "q4f16_1", tmp_path / "q4")
     loaded = _tvm_load(art.folder)
-    params = mlc.plan(default_model.spec, "q4f16_1")
+    params = mlc_layout.plan(default_model.spec, "q4f16_1")
     assert [(k, tuple(v.shape), str(v.dtype)) for k, v in loaded.items()] == [
         (p.name, p.shape, p.dtype) for p in params
     ]

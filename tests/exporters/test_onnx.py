@@ -14,15 +14,20 @@ import pytest
 import torch
 
 from smolconvert.artifact import Artifact
-from smolconvert.exporters.onnx import TJS_DTYPES, TJS_FILES, export_onnx, stored_weights
+from smolconvert.exporters.onnx import TJS_DTYPES, TJS_FILES, export_onnx
 from smolconvert.exporters.onnx_kv import stored_cache_scales
-from smolconvert.exporters.onnx_quant import CODECS, RECIPES, dequantize, quantize
+from smolconvert.exporters.onnx_ops import Weights
+from smolconvert.exporters.onnx_weights import quantize_weights, stored_weights
 from smolconvert.model.reference import build_reference
-from smolconvert.model.source import load_model
+from smolconvert.model.source import CanonicalModel, load_model
+from smolconvert.quantizers.nbits import CODECS, FORMATS, quantize
+from smolconvert.quantizers.onnx_recipes import SCHEMES as ONNX_SCHEMES
+from smolconvert.quantizers.onnx_recipes import OnnxScheme, codec_plan
+from smolconvert.quantizers.recipe import Recipe, Rule
 from tests import tiny
 from tests.conftest import require, require_module
 
-SCHEMES = sorted(RECIPES)
+SCHEMES = sorted(ONNX_SCHEMES)
 IDS = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 31, 8, 77, 150, 19]
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 
@@ -52,6 +57,15 @@ def _stored_reference(art: Artifact, source: Path) -> torch.nn.Module:
     return ref
 
 
+def _weights(model: CanonicalModel, chosen: OnnxScheme) -> Weights:
+    """What a build reads: every quantized form computed first (round-to-nearest), float weights
+    fetched from the model as they are written."""
+    plan = codec_plan(chosen.recipe, model.spec)
+    rtn = dataclasses.replace(chosen, gptq=False)
+    quantized, _ = quantize_weights(model, rtn, plan, lambda _: None)
+    return Weights(lambda name: model.weights.get(name).float().numpy(), plan, quantized)
+
+
 def _greedy(ref: torch.nn.Module, ids: list[int], n_new: int, eos: int) -> list[int]:
     out = list(ids)
     for _ in range(n_new):
@@ -70,18 +84,18 @@ def test_onnxruntime_matches_reference_on_stored_weights(
     from smolconvert.exporters import onnx as onnx_exporter
     from smolconvert.validators.onnxruntime import open_onnxruntime_runner
 
-    recipe = RECIPES[scheme]
-    if recipe.accuracy_level:  # int8 activations: the shipped graph is close, not exact ...
+    chosen = ONNX_SCHEMES[scheme]
+    if chosen.accuracy_level:  # int8 activations: the shipped graph is close, not exact ...
         shipped = _export(tiny_folder, scheme, tmp_path / "shipped", graph=graph)
         want = _stored_reference(shipped, tiny_folder).logits(IDS).float().numpy()
-        approx = open_onnxruntime_runner(str(shipped.path("model")), threads=2).logits(IDS)
+        approx = open_onnxruntime_runner(shipped, threads=2).logits(IDS)
         assert np.abs(approx - want).max() < 0.05 * np.abs(want).max()
         # ... so the stored weights and the graph's math are checked exactly with fp32 activations
-        exact = dataclasses.replace(recipe, accuracy_level=0)
-        monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
+        exact = dataclasses.replace(chosen, accuracy_level=0)
+        monkeypatch.setitem(onnx_exporter.SCHEMES, scheme, exact)
     art = _export(tiny_folder, scheme, tmp_path / "art", graph=graph)
     want = _stored_reference(art, tiny_folder).logits(IDS).float().numpy()
-    runner = open_onnxruntime_runner(str(art.path("model")), threads=2)
+    runner = open_onnxruntime_runner(art, threads=2)
     got = runner.logits(IDS)
     tol = 2e-2 if scheme == "fp16" else 1e-4
     assert got.dtype == np.float32 and got.shape == want.shape
@@ -115,8 +129,8 @@ def test_int8_kv_cache(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.Mo
     from smolconvert.exporters import onnx as onnx_exporter
     from smolconvert.validators.onnxruntime import open_onnxruntime_runner
 
-    exact = dataclasses.replace(RECIPES["int8"], accuracy_level=0)
-    monkeypatch.setitem(onnx_exporter.RECIPES, "int8", exact)
+    exact = dataclasses.replace(ONNX_SCHEMES["int8"], accuracy_level=0)
+    monkeypatch.setitem(onnx_exporter.SCHEMES, "int8", exact)
     art = _export(tiny_folder, "int8", tmp_path / "q")
     proto = onnx.load(str(art.path("model")), load_external_data=False)
     caches = [
@@ -138,7 +152,7 @@ def test_int8_kv_cache(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.Mo
     config = json.loads((art.folder / "config.json").read_text())
     assert config["transformers.js_config"]["kv_cache_dtype"] == {"q8": "int8"}
 
-    got = open_onnxruntime_runner(str(art.path("model")), threads=2).logits(IDS)
+    got = open_onnxruntime_runner(art, threads=2).logits(IDS)
     ref = _stored_reference(art, tiny_folder)
     assert np.abs(got - ref.logits(IDS).float().numpy()).max() < 1e-4
     for layer in ref.model.layers:
@@ -164,15 +178,15 @@ def test_embedding_blocks_wider_than_the_hidden_size(
     """Blocks of 128 over the tiny model's 64-wide table: GatherBlockQuantized dequantizes whole
     padded rows, so the graph cuts the embedding back to the hidden size."""
     import smolconvert.exporters.onnx as onnx_exporter
-    from smolconvert.exporters.onnx_quant import Rule
     from smolconvert.validators.onnxruntime import open_onnxruntime_runner
 
-    rules = (Rule("embedding", "int4_b128_none"), Rule("linear", "int4_b32_none"))
-    recipe = dataclasses.replace(RECIPES["int4"], rules=rules, accuracy_level=0, gptq=False)
-    monkeypatch.setitem(onnx_exporter.RECIPES, "int4", recipe)
+    rules = (Rule("token_embd", "int4_b128_none"), Rule("output", "int4_b128_none"))
+    recipe = Recipe("int4", "int4_b32_none", rules)  # output: the tied table, or lm_head
+    chosen = dataclasses.replace(ONNX_SCHEMES["int4"], recipe=recipe, accuracy_level=0, gptq=False)
+    monkeypatch.setitem(onnx_exporter.SCHEMES, "int4", chosen)
     art = _export(tiny_folder, "int4", tmp_path / "art")
     want = _stored_reference(art, tiny_folder).logits(IDS).float().numpy()
-    got = open_onnxruntime_runner(str(art.path("model")), threads=2).logits(IDS)
+    got = open_onnxruntime_runner(art, threads=2).logits(IDS)
     assert np.abs(got - want).max() < 1e-4
 
 
@@ -185,17 +199,12 @@ def test_q_and_kv_in_different_codecs(
     import onnx
 
     import smolconvert.exporters.onnx as onnx_exporter
-    from smolconvert.exporters.onnx_quant import Rule
     from smolconvert.validators.onnxruntime import open_onnxruntime_runner
 
-    rules = (
-        Rule("embedding", "int4_b32_none"),
-        Rule("k", "int8_b32_none"),
-        Rule("v", "int8_b32_none"),
-        Rule("linear", "int4_b32_none"),
-    )
-    recipe = dataclasses.replace(RECIPES["int4"], rules=rules, accuracy_level=0)
-    monkeypatch.setitem(onnx_exporter.RECIPES, "int4", recipe)
+    rules = (Rule("attn_k", "int8_b32_none"), Rule("attn_v", "int8_b32_none"))
+    recipe = Recipe("int4", "int4_b32_none", rules)
+    chosen = dataclasses.replace(ONNX_SCHEMES["int4"], recipe=recipe, accuracy_level=0)
+    monkeypatch.setitem(onnx_exporter.SCHEMES, "int4", chosen)
     art = _export(tiny_folder, "int4", tmp_path / "art")
     proto = onnx.load(str(art.path("model")), load_external_data=False)
     bits = {
@@ -205,7 +214,7 @@ def test_q_and_kv_in_different_codecs(
     }
     assert bits == {"q_proj": 4, "kv_proj": 8, "o_proj": 4}
     want = _stored_reference(art, tiny_folder).logits(IDS).float().numpy()
-    got = open_onnxruntime_runner(str(art.path("model")), threads=2).logits(IDS)
+    got = open_onnxruntime_runner(art, threads=2).logits(IDS)
     assert np.abs(got - want).max() < 1e-4
 
 
@@ -222,14 +231,15 @@ def test_codec_matches_onnxruntime_matmulnbits_and_gatherblockquantized(name: st
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from smolconvert.exporters.onnx_graph import Graph, Linear, add_quantized, linear
+    from smolconvert.exporters.onnx_ops import Graph, Linear, add_quantized, linear
 
-    codec = CODECS[name]
+    codec = FORMATS[name]
     rng = np.random.default_rng(len(name))
     n, k = 48, 80  # K not a multiple of any block: the last block is padded
     w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
-    qw = quantize(w, codec)
-    deq = dequantize(qw)
+    qw = CODECS[name].quantize(w, None)  # the registry's interface: importance is not used
+    deq = CODECS[name].dequantize(qw, (n, k))
+    assert CODECS[name].family == "onnx" and qw.format == codec
     rel = np.sqrt(((deq - w) ** 2).mean() / (w**2).mean())
     assert rel < (0.12 if codec.bits == 4 else 0.008), rel
     # the graph's linear (MatMulNBits)
@@ -379,7 +389,7 @@ def test_transformers_js_in_node_continues_like_the_reference(
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])["tokens"]
     ref = _stored_reference(art, folder)
-    if not RECIPES[scheme].accuracy_level:
+    if not ONNX_SCHEMES[scheme].accuracy_level:
         assert got == _greedy(ref, prompt, 12, eos=2)
         return
     # int8 activations inside MatMulNBits: each of Node's tokens must be the reference's greedy
@@ -405,8 +415,8 @@ def test_onnxruntime_genai_runs_the_genai_layout_like_the_reference(
     from smolconvert.exporters import onnx as onnx_exporter
 
     # fp32 activations in MatMulNBits, so logits compare exactly (int8 ones: the test above)
-    exact = dataclasses.replace(RECIPES[scheme], accuracy_level=0)
-    monkeypatch.setitem(onnx_exporter.RECIPES, scheme, exact)
+    exact = dataclasses.replace(ONNX_SCHEMES[scheme], accuracy_level=0)
+    monkeypatch.setitem(onnx_exporter.SCHEMES, scheme, exact)
 
     folder = tiny.write_folder(tmp_path / f"tiny-{arch}", tiny.config(arch))
     art = _export(folder, scheme, tmp_path / "genai", layout="genai", graph=graph)
@@ -462,7 +472,7 @@ def test_default_model_int4_fits_100_mb_and_answers_paris(default_model, tmp_pat
 
     art = export_onnx(default_model, "int4", tmp_path / "int4", quiet=True)
     assert art.size_bytes <= 100_000_000
-    runner = open_onnxruntime_runner(str(art.path("model")), threads=2)
+    runner = open_onnxruntime_runner(art, threads=2)
     ids = default_model.tokenizer.encode("The capital of France is")
     timing = runner.time_generation(ids, 3)
     assert default_model.tokenizer.decode(timing.tokens[:2]).strip().startswith("Paris")
@@ -492,17 +502,14 @@ def test_weights_stream_to_the_data_file_onnx_save_would_write(
     import onnx
 
     from smolconvert.exporters.onnx import EXTERNAL_DATA_MIN_BYTES
-    from smolconvert.exporters.onnx_graph import ExternalData, build_decoder
+    from smolconvert.exporters.onnx_decoder import build_decoder
+    from smolconvert.exporters.onnx_ops import ExternalData
 
     model = load_model(tiny_folder)
-
-    def fetch(name: str) -> np.ndarray:
-        return model.weights.get(name).float().numpy()
-
-    recipe, fused = RECIPES[scheme], graph == "fused"
+    chosen, fused = ONNX_SCHEMES[scheme], graph == "fused"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole, _ = build_decoder(model.spec, fetch, recipe, fused=fused)
+    whole, _ = build_decoder(model.spec, chosen, _weights(model, chosen), fused=fused)
     onnx.save_model(
         whole,
         str(tmp_path / "a" / "model.onnx"),
@@ -512,7 +519,8 @@ def test_weights_stream_to_the_data_file_onnx_save_would_write(
         size_threshold=EXTERNAL_DATA_MIN_BYTES,
     )
     with ExternalData(tmp_path / "b" / "model.onnx_data", EXTERNAL_DATA_MIN_BYTES) as external:
-        streamed, _ = build_decoder(model.spec, fetch, recipe, fused=fused, external=external)
+        weights = _weights(model, chosen)
+        streamed, _ = build_decoder(model.spec, chosen, weights, fused=fused, external=external)
     assert max(len(t.raw_data) for t in streamed.graph.initializer) < EXTERNAL_DATA_MIN_BYTES
     onnx.save_model(streamed, str(tmp_path / "b" / "model.onnx"))
     for name in ("model.onnx", "model.onnx_data"):
@@ -525,16 +533,16 @@ def test_scale_search_in_row_chunks_gives_the_same_bytes(
 ) -> None:
     """quantize searches block scales a few rows at a time (bounded memory on a 1.7B embedding);
     with and without a Hessian that must store exactly what one search over all rows stores."""
-    from smolconvert.exporters import onnx_quant
+    from smolconvert.quantizers import nbits
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((67, 100)) * 0.02).astype(np.float32)
     w[3] = 0.0
     x = torch.from_numpy(rng.standard_normal((512, 100))).double()
     hessian = x.T @ x / len(x)
-    whole = [quantize(w, CODECS[name]), quantize(w, CODECS[name], hessian)]
-    monkeypatch.setattr(onnx_quant, "SEARCH_CHUNK_ELEMENTS", 7 * 128)  # 7 rows of 4 blocks
-    chunked = [quantize(w, CODECS[name]), quantize(w, CODECS[name], hessian)]
+    whole = [quantize(w, FORMATS[name]), quantize(w, FORMATS[name], hessian)]
+    monkeypatch.setattr(nbits, "SEARCH_CHUNK_ELEMENTS", 7 * 128)  # 7 rows of 4 blocks
+    chunked = [quantize(w, FORMATS[name]), quantize(w, FORMATS[name], hessian)]
     for a, b in zip(whole, chunked, strict=True):
         assert a.packed.tobytes() == b.packed.tobytes() and a.scales.tobytes() == b.scales.tobytes()
         assert (a.zero_points is None) == (b.zero_points is None)
@@ -554,3 +562,88 @@ def test_int4_without_gptq_rounds_to_nearest_and_says_so(tiny_folder: Path, tmp_
     assert q.kld_mean < 0.1  # a working 4-bit model, not garbage
     gptq = smolconvert.export(tiny_folder, to="onnx:int4", out=tmp_path / "gptq")
     assert gptq.meta["recipe"]["gptq"] is True and "gptq" not in gptq.meta["options"]
+
+
+# --- recipes on llama.cpp's roles; quantize, then build (issue 19) -------------------------------
+
+
+def test_recipe_roles_are_llama_cpp_s(tiny_folder: Path) -> None:
+    """The tied embedding takes the output's codec (one table, read as both); an untied one is
+    token_embd and lm_head the output; projections take their attn_/ffn_ role, else the default;
+    norms stay float. A codec MatMulNBits cannot run is refused, by name."""
+    from smolconvert.errors import ConfigError
+
+    spec = load_model(tiny_folder).spec
+    rules = (Rule("token_embd", "int8_b32_none"), Rule("attn_v", "int8_b64_uint8"))
+    recipe = Recipe("t", "int4_b32_none", rules)
+    plan = codec_plan(recipe, spec)
+    embed = "model.embed_tokens.weight"
+    if spec.tie_word_embeddings:
+        assert plan[embed] == "int4_b32_none" and "lm_head.weight" not in plan
+    else:
+        assert plan[embed] == "int8_b32_none" and plan["lm_head.weight"] == "int4_b32_none"
+    assert plan["model.layers.1.self_attn.v_proj.weight"] == "int8_b64_uint8"
+    assert plan["model.layers.1.self_attn.k_proj.weight"] == "int4_b32_none"
+    assert (
+        plan["model.layers.0.input_layernorm.weight"] is None and plan["model.norm.weight"] is None
+    )
+    int8 = codec_plan(ONNX_SCHEMES["int8"].recipe, spec)
+    assert int8[embed] == "int8_b32_none" and int8.get("lm_head.weight", "int8_b32_none") == (
+        "int8_b32_none"
+    )
+    assert int8["model.layers.0.mlp.up_proj.weight"] == "int8_b32_uint8"
+    with pytest.raises(ConfigError, match="q4_k"):
+        codec_plan(Recipe("bad", "q4_k"), spec)
+
+
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_builders_pack_the_weights_quantized_before_building(tiny_folder: Path, graph: str) -> None:
+    """Quantize, then build: the builders never fetch a weight the plan quantizes; they store the
+    precomputed levels byte for byte, and fetch each float weight once."""
+    from onnx import numpy_helper
+
+    from smolconvert.exporters.onnx_decoder import build_decoder
+
+    model = load_model(tiny_folder)
+    chosen = ONNX_SCHEMES["int8"]
+    plan = codec_plan(chosen.recipe, model.spec)
+    quantized, calibration = quantize_weights(model, chosen, plan, lambda _: None)
+    assert calibration is None and set(quantized) == {n for n, c in plan.items() if c}
+    fetched: list[str] = []
+
+    def fetch(name: str) -> np.ndarray:
+        fetched.append(name)
+        return model.weights.get(name).float().numpy()
+
+    proto, _ = build_decoder(model.spec, chosen, Weights(fetch, plan, quantized), graph == "fused")
+    assert sorted(fetched) == sorted(n for n, c in plan.items() if c is None)
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    name = "model.layers.1.self_attn.o_proj.weight"
+    assert np.array_equal(init[f"{name}.qweight"], quantized[name].packed)
+    assert np.array_equal(init[f"{name}.scales"], quantized[name].scales)
+
+
+def test_missing_and_stray_weights_are_named(tiny_folder: Path) -> None:
+    from smolconvert.errors import ValidationError
+    from smolconvert.exporters.onnx_decoder import build_decoder
+
+    model = load_model(tiny_folder)
+    chosen = ONNX_SCHEMES["int8"]
+    plan = codec_plan(chosen.recipe, model.spec)
+    quantized, _ = quantize_weights(model, chosen, plan, lambda _: None)
+
+    def fetch(name: str) -> np.ndarray:
+        return model.weights.get(name).float().numpy()
+
+    up = "model.layers.0.mlp.up_proj.weight"
+    stray = {**quantized, "model.layers.7.mlp.up_proj.weight": quantized[up]}
+    with pytest.raises(ValidationError, match=r"not in the model: \['model.layers.7.mlp.up_proj"):
+        build_decoder(model.spec, chosen, Weights(fetch, plan, stray))
+    short = {n: q for n, q in quantized.items() if n != up}
+    with pytest.raises(ValidationError, match=r"no quantized form was computed for \[.*up_proj"):
+        build_decoder(model.spec, chosen, Weights(fetch, plan, short))
+    off_plan = {**quantized, up: quantize(fetch(up), FORMATS["int4_b32_none"])}
+    with pytest.raises(ValidationError, match="off the plan.*up_proj.*int4_b32_none"):
+        build_decoder(model.spec, chosen, Weights(fetch, plan, off_plan))
+    with pytest.raises(ValidationError, match=r"never written: \['model.norm.weight'\]"):
+        Weights(fetch, plan).check_written(["model.norm.weight"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from smolconvert.exporters.onnx_quant import CODECS, dequantize, quantize
+from smolconvert.quantizers.nbits import FORMATS, dequantize, quantize
 
 
 def _inputs(rng: np.random.Generator, samples: int, k: int) -> np.ndarray:
@@ -22,7 +22,7 @@ def _inputs(rng: np.random.Generator, samples: int, k: int) -> np.ndarray:
 @pytest.mark.parametrize("k", [96, 80])  # 80: the last block is zero-padded
 def test_gptq_beats_round_to_nearest_on_the_layer_output(name: str, k: int) -> None:
     rng = np.random.default_rng(k)
-    codec = CODECS[name]
+    codec = FORMATS[name]
     w = (rng.standard_normal((40, k)) * 0.05).astype(np.float32)
     x = _inputs(rng, 2048, k)
     hessian = torch.from_numpy(x.T.astype(np.float64) @ x / len(x))
@@ -55,10 +55,10 @@ def test_gptq_ignores_inputs_that_never_fire() -> None:
     x = _inputs(rng, 512, 64)
     x[:, 10:20] = 0.0  # dead channels: a singular Hessian
     hessian = torch.from_numpy(x.T.astype(np.float64) @ x / len(x))
-    got = dequantize(quantize(w, CODECS["int4_b32_uint8"], hessian))
+    got = dequantize(quantize(w, FORMATS["int4_b32_uint8"], hessian))
     assert np.isfinite(got).all()
     live = np.r_[0:10, 20:64]
-    rtn = dequantize(quantize(w, CODECS["int4_b32_uint8"]))
+    rtn = dequantize(quantize(w, FORMATS["int4_b32_uint8"]))
     err = ((x[:, live] @ (got - w)[:, live].T) ** 2).mean()
     assert err < ((x[:, live] @ (rtn - w)[:, live].T) ** 2).mean()
 
@@ -69,7 +69,7 @@ def test_refit_scales_lowers_the_output_error_of_fixed_levels() -> None:
     from smolconvert.quantizers.gptq import refit_scales
 
     rng = np.random.default_rng(3)
-    codec = CODECS["int4_b32_none"]
+    codec = FORMATS["int4_b32_none"]
     w = (rng.standard_normal((24, 96)) * 0.05).astype(np.float32)
     w[0, :32] = 0.0  # row 0, block 0: every level at the zero point
     x = _inputs(rng, 2048, 96)
@@ -170,7 +170,7 @@ def test_k_hessian_weighs_each_token_by_the_attention_it_receives() -> None:
 def test_quantize_takes_one_hessian_per_row_range() -> None:
     """Segments: each row range is GPTQ'd on its own Hessian, exactly as alone."""
     rng = np.random.default_rng(5)
-    codec = CODECS["int4_b32_none"]
+    codec = FORMATS["int4_b32_none"]
     w = (rng.standard_normal((40, 64)) * 0.05).astype(np.float32)
     h1, h2 = (
         torch.from_numpy((x.T @ x / len(x)).astype(np.float64))

@@ -62,7 +62,7 @@ MAX_ABS_ERROR = {"q2_k": 3.0, "q3_k": 1.2, "q4_k": 0.42, "q5_k": 0.22, "q6_k": 0
 def test_hand_made_block_gives_llama_cpp_s_bytes(name: str) -> None:
     codec = CODECS[name]
     ours = codec.quantize(hand_block(), None)
-    assert ours.shape == (1, codec.type_size)
+    assert ours.shape == (1, codec.bits_per_weight * codec.block_size // 8)
     assert ours[0].tobytes().hex() == GOLDEN[name]
 
 

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from smolconvert.quantizers import CODECS
+from smolconvert.quantizers.ggml import CODECS
 from tests.quantizers.conftest import importances, mixed_weights
 from tests.quantizers.ggml_oracle import Ggml
 
@@ -26,7 +26,8 @@ IMPORTANCE = {"none": None, "spread": importances(COLS)[0], "sparse": importance
 
 def _report(name: str, ours: np.ndarray, theirs: np.ndarray) -> str:
     codec = CODECS[name]
-    same = (ours.reshape(-1, codec.type_size) == theirs.reshape(-1, codec.type_size)).all(axis=1)
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]][1]
+    same = (ours.reshape(-1, size) == theirs.reshape(-1, size)).all(axis=1)
     diff = np.abs(codec.dequantize(ours, WEIGHTS.shape) - codec.dequantize(theirs, WEIGHTS.shape))
     return f"{same.mean():.2%} of blocks identical, max dequantized difference {np.nanmax(diff)}"
 

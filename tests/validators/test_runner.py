@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import smolconvert
-from smolconvert.validators.latency import measure_latency
-from smolconvert.validators.runner import RunnerSpec, open_torch_runner
+from smolconvert.validators.latency import RunnerSpec, measure_latency
+from smolconvert.validators.runner import open_torch_runner
 
 
 def test_timed_generation_is_the_greedy_continuation(tiny_folder) -> None:
@@ -21,10 +21,7 @@ def test_timed_generation_is_the_greedy_continuation(tiny_folder) -> None:
 
 
 def test_latency_runs_in_a_child_process(tiny_folder) -> None:
-    spec = RunnerSpec(
-        "smolconvert.validators.runner:open_torch_runner",
-        {"source": str(tiny_folder), "dtype": "fp32", "threads": 1},
-    )
+    spec = RunnerSpec("torch", {"source": str(tiny_folder), "dtype": "fp32", "threads": 1})
     lat = measure_latency(spec, list(range(3, 35)), n_new=8)
     assert lat.prompt_tokens == 32 and lat.new_tokens == 8
     assert lat.ttft_ms > 0 and lat.decode_tok_s > 0 and lat.peak_rss_mb > 50

@@ -1,0 +1,305 @@
+"""The target registry: every export family as one typed object.
+
+A target is `family:scheme` (`gguf:q4_k_m`). A Family holds its exporter, its options as a frozen
+dataclass (parsed once, from `-O KEY=VALUE` on the command line, the API's `options` or a release
+config), how to open a runner on what it wrote, and the modules whose code decides its bytes (the
+release cache rebuilds an artifact when one of them changes). Exporters and runners are imported
+only when called: listing targets or timing a runtime in a fresh process must not pay for torch.
+Adding a family is one entry here, its exporter and its runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smolconvert.errors import ConfigError, UnsupportedError
+from smolconvert.options import (
+    CoremlOptions,
+    GgufOptions,
+    MlcOptions,
+    OnnxOptions,
+    option_choices,
+)
+
+if TYPE_CHECKING:
+    from smolconvert.artifact import Artifact
+    from smolconvert.model.imatrix import Imatrix
+    from smolconvert.model.source import CanonicalModel
+    from smolconvert.validators.runner import Runner
+
+
+ExportFn = Callable[..., "Artifact"]
+OpenRunner = Callable[["Artifact", int, "int | None"], "Runner"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    options: type  # a frozen dataclass of Literal-typed fields with defaults
+    exporter: Callable[[], ExportFn]  # imports and returns export_<family>
+    describe: Callable[[], list[dict[str, Any]]]  # one row per scheme, for `export --list`
+    runner: Callable[[], OpenRunner]  # imports and returns the runner's opener
+    code: tuple[str, ...]  # smolconvert modules whose code decides the exported bytes
+    libraries: tuple[str, ...]  # distributions whose version changes what is built or measured
+    extra: str  # the pip extra that brings its runtime
+
+    def schemes(self) -> list[str]:
+        return [row["target"].partition(":")[2] for row in self.describe()]
+
+    def parse_options(self, given: Mapping[str, Any] | Any | None = None) -> Any:
+        """This family's options from a mapping of strings (or an instance, returned as is):
+        unknown keys and values are errors that list what is allowed."""
+        if isinstance(given, self.options):
+            return given
+        given = dict(given or {})
+        allowed = option_choices(self.options)
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            have = ", ".join(sorted(allowed)) or "none"
+            raise ConfigError(
+                f"{self.name} exports have no option {', '.join(unknown)} (options: {have})"
+            )
+        values = {}
+        for key, value in given.items():
+            value = str(value)
+            if value not in allowed[key]:
+                raise ConfigError(
+                    f"{self.name} option {key}={value!r} is not one of {', '.join(allowed[key])}"
+                )
+            values[key] = value
+        return self.options(**values)
+
+    def resolve_options(self, given: Mapping[str, Any] | Any | None = None) -> dict[str, str]:
+        """Every option with its value, as recorded in release configs and manifests."""
+        return {k: str(v) for k, v in dataclasses.asdict(self.parse_options(given)).items()}
+
+    def export(
+        self,
+        model: CanonicalModel,
+        scheme: str,
+        out: Path,
+        *,
+        imatrix: Imatrix | None = None,
+        options: Mapping[str, Any] | Any | None = None,
+        quiet: bool = True,
+    ) -> Artifact:
+        """Run the family's exporter; returns the Artifact it wrote."""
+        export = self.exporter()
+        opts = self.parse_options(options)
+        return export(model, scheme, out, imatrix=imatrix, quiet=quiet, options=opts)
+
+    def open_runner(self, art: Artifact, n_ctx: int = 1024, threads: int | None = None) -> Runner:
+        return self.runner()(art, n_ctx, threads)
+
+    def code_sha256(self) -> str:
+        """sha256 over the source of the modules that decide this family's bytes."""
+        return modules_sha256(self.code)
+
+
+def modules_sha256(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(set(modules)):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"module {name} named in the target registry does not exist")
+        h.update(name.encode())
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()
+
+
+# --- the families ---------------------------------------------------------------------------------
+# Code every export depends on: loading, canonical names, artifacts, calibration text.
+COMMON_CODE = (
+    "smolconvert.api",
+    "smolconvert.artifact",
+    "smolconvert.files",
+    "smolconvert.options",
+    "smolconvert.texts",
+    "smolconvert.model.imatrix",
+    "smolconvert.model.reference",
+    "smolconvert.model.source",
+    "smolconvert.model.spec",
+    "smolconvert.model.tokenizer",
+    "smolconvert.model.weights",
+    "smolconvert.quantizers.codec",
+    "smolconvert.quantizers.recipe",
+    # the registry holds every family's codecs, so each export loads them all
+    "smolconvert.quantizers.registry",
+    "smolconvert.quantizers.coreml_codecs",
+    "smolconvert.quantizers.ggml",
+    "smolconvert.quantizers.group",
+    "smolconvert.quantizers.kmeans",
+    "smolconvert.quantizers.nbits",
+    "smolconvert.quantizers.kquants",
+    "smolconvert.quantizers.legacy",
+    "smolconvert.quantizers.scale_search",
+    "smolconvert.model.gguf_layout",
+)
+
+
+def _gguf_export() -> ExportFn:
+    from smolconvert.exporters.gguf import export_gguf
+
+    return export_gguf
+
+
+def _gguf_describe() -> list[dict[str, Any]]:
+    from smolconvert.exporters.gguf import describe_schemes
+
+    return describe_schemes()
+
+
+def _gguf_runner() -> OpenRunner:
+    from smolconvert.validators.llamacpp import open_llamacpp_runner
+
+    return open_llamacpp_runner
+
+
+def _onnx_export() -> ExportFn:
+    from smolconvert.exporters.onnx import export_onnx
+
+    return export_onnx
+
+
+def _onnx_describe() -> list[dict[str, Any]]:
+    from smolconvert.exporters.onnx import describe_schemes
+
+    return describe_schemes()
+
+
+def _onnx_runner() -> OpenRunner:
+    from smolconvert.validators.onnxruntime import open_onnxruntime_runner
+
+    return open_onnxruntime_runner
+
+
+def _coreml_export() -> ExportFn:
+    from smolconvert.exporters.coreml import export_coreml
+
+    return export_coreml
+
+
+def _coreml_describe() -> list[dict[str, Any]]:
+    from smolconvert.exporters.coreml import describe_schemes
+
+    return describe_schemes()
+
+
+def _coreml_runner() -> OpenRunner:
+    from smolconvert.validators.coreml import open_coreml_runner
+
+    return open_coreml_runner
+
+
+def _mlc_export() -> ExportFn:
+    from smolconvert.exporters.mlc import export_mlc
+
+    return export_mlc
+
+
+def _mlc_describe() -> list[dict[str, Any]]:
+    from smolconvert.exporters.mlc import describe_schemes
+
+    return describe_schemes()
+
+
+def _mlc_runner() -> OpenRunner:
+    from smolconvert.validators.mlc import open_mlc_runner
+
+    return open_mlc_runner
+
+
+FAMILIES: dict[str, Family] = {
+    "gguf": Family(
+        "gguf",
+        GgufOptions,
+        _gguf_export,
+        _gguf_describe,
+        _gguf_runner,
+        (
+            *COMMON_CODE,
+            "smolconvert.exporters.gguf",
+            "smolconvert.quantizers.gguf_recipes",
+        ),
+        ("gguf", "numpy", "torch", "llama-cpp-python"),
+        "gguf",
+    ),
+    "onnx": Family(
+        "onnx",
+        OnnxOptions,
+        _onnx_export,
+        _onnx_describe,
+        _onnx_runner,
+        (
+            *COMMON_CODE,
+            "smolconvert.exporters.onnx",
+            "smolconvert.exporters.onnx_decoder",
+            "smolconvert.exporters.onnx_fused",
+            "smolconvert.exporters.onnx_kv",
+            "smolconvert.exporters.onnx_ops",
+            "smolconvert.exporters.onnx_plain",
+            "smolconvert.exporters.onnx_weights",
+            "smolconvert.quantizers.gptq",
+            "smolconvert.quantizers.onnx_recipes",
+        ),
+        ("onnx", "onnxruntime", "numpy", "torch"),
+        "onnx",
+    ),
+    "coreml": Family(
+        "coreml",
+        CoremlOptions,
+        _coreml_export,
+        _coreml_describe,
+        _coreml_runner,
+        (
+            *COMMON_CODE,
+            "smolconvert.exporters.coreml",
+            "smolconvert.exporters.coreml_compress",
+            "smolconvert.exporters.coreml_program",
+            "smolconvert.quantizers.coreml_recipes",
+        ),
+        ("coremltools", "numpy", "torch"),
+        "coreml",
+    ),
+    "mlc": Family(
+        "mlc",
+        MlcOptions,
+        _mlc_export,
+        _mlc_describe,
+        _mlc_runner,
+        (*COMMON_CODE, "smolconvert.exporters.mlc", "smolconvert.model.mlc_layout"),
+        ("apache-tvm", "numpy", "torch"),
+        "mlc",
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnsupportedError(
+            f"unknown target family {name!r}; choose one of {', '.join(FAMILIES)}"
+        ) from None
+
+
+def parse_target(target: str) -> tuple[Family, str]:
+    """`family:scheme` -> (Family, scheme), both checked against the registry."""
+    family, _, scheme = target.partition(":")
+    if family not in FAMILIES:
+        raise UnsupportedError(
+            f"unknown target {target!r}; targets look like gguf:q4_k_m "
+            f"(families: {', '.join(FAMILIES)}; see `smolconvert export --list`)"
+        )
+    known = FAMILIES[family].schemes()
+    if scheme not in known:
+        raise UnsupportedError(
+            f"unknown scheme {scheme!r} for {family}; choose one of {', '.join(sorted(known))}"
+        )
+    return FAMILIES[family], scheme
