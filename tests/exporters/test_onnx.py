@@ -20,6 +20,7 @@ from smolconvert.exporters.onnx_ops import Weights
 from smolconvert.exporters.onnx_weights import quantize_weights, stored_weights
 from smolconvert.model.reference import build_reference
 from smolconvert.model.source import CanonicalModel, load_model
+from smolconvert.options import OnnxOptions
 from smolconvert.quantizers.nbits import CODECS, FORMATS, quantize
 from smolconvert.quantizers.onnx_recipes import SCHEMES as ONNX_SCHEMES
 from smolconvert.quantizers.onnx_recipes import OnnxScheme, codec_plan
@@ -40,7 +41,7 @@ def _export(
     graph: str = "fused",
     kv_cache: str = "auto",
 ) -> Artifact:
-    options = {"layout": layout, "graph": graph, "kv_cache": kv_cache}
+    options = OnnxOptions(layout=layout, graph=graph, kv_cache=kv_cache)
     return export_onnx(load_model(folder), scheme, out, quiet=True, options=options)
 
 
