@@ -39,11 +39,12 @@ class OnnxOptions:
         default="auto",
         metadata=_help("auto: int8 for onnx:int8/int4 (fused graph), float otherwise"),
     )
-    gptq: Literal["auto", "off"] = field(
+    gptq: Literal["auto", "per-head", "pooled", "off"] = field(
         default="auto",
         metadata=_help(
-            "off: round-to-nearest int4 instead of GPTQ, whose cost grows with heads x hidden^2 "
-            "per layer (hours at 1.7B on 2 cores; docs/scaling.md)"
+            "int4's GPTQ: per-head (k and v on one Hessian per KV head), pooled (one for all "
+            "heads: far less time with many KV heads), auto (per-head up to 8 KV heads, else "
+            "pooled), off (round-to-nearest, fastest, lowest quality; docs/scaling.md)"
         ),
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 from smolconvert import artifact as A
 from smolconvert import progress
 from smolconvert.errors import UnsupportedError
-from smolconvert.exporters.coreml_compress import compress, quantize_weights
+from smolconvert.exporters.coreml_compress import WeightWriter, quantize_weights
 from smolconvert.exporters.coreml_program import context_length, convert
 from smolconvert.model.imatrix import Imatrix
 from smolconvert.model.source import CanonicalModel
@@ -80,13 +80,20 @@ def export_coreml(
         step(f"quantizing weights as {scheme}")
     with _quiet_progress(quiet):
         encoded = quantize_weights(model, sch)
+    writer = WeightWriter(spec, sch, encoded)
+    del encoded  # the writer hands each to its op
     step(f"converting with coremltools ({kv_cache} KV cache, {sch.compute} compute)")
     with _quiet_progress(quiet):
         mlmodel = convert(
-            model, compute=sch.compute, kv_cache=kv_cache, context=context, ios18=ios18
+            model,
+            compute=sch.compute,
+            kv_cache=kv_cache,
+            context=context,
+            ios18=ios18,
+            weights_pass=writer,
+            placeholders=writer.placeholders,
         )
-        mlmodel, types = compress(mlmodel, spec, sch, encoded, quiet)
-    del encoded
+    types = writer.check()
     mlmodel.short_description = f"{model.name} ({scheme}) converted by smolconvert"
     mlmodel.user_defined_metadata["co.huggingface.exporters.name"] = model.name
     mlmodel.user_defined_metadata["smolconvert.scheme"] = scheme

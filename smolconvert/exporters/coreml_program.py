@@ -10,7 +10,7 @@ decoder's own submodules, so the program's weight consts are named after canonic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -149,19 +149,53 @@ def _fp16_op(op: Any) -> bool:
     return True
 
 
-def convert(
-    model: CanonicalModel, *, compute: str, kv_cache: str, context: int, ios18: bool
-) -> Any:
-    """The float mlprogram (fp16 or fp32 weights, `compute` precision) of the reference decoder;
-    `ios18`: target iOS 18 (states and the constexpr ops of compressed weights need it)."""
+def _reference(model: CanonicalModel, placeholders: frozenset[str]) -> Any:
+    """The reference decoder in fp32, each weight named in `placeholders` a zero that takes no
+    memory (a stride-0 view of one element): the program's const for it is replaced before any
+    pass reads its value (`convert`'s weights_pass), so the fp32 model is never materialised."""
     import torch
 
-    from smolconvert.model.reference import build_reference
+    from smolconvert.model.reference import ReferenceDecoder, build_reference
+    from smolconvert.model.weights import canonical_names, expected_shape
+
+    spec = model.spec
+    if not placeholders:
+        return build_reference(spec, source=model.weights)
+    with torch.device("meta"):
+        reference = ReferenceDecoder(spec)
+    reference.inv_freq = reference._inv_freq()
+    for name in canonical_names(spec):
+        owner, _, leaf = name.rpartition(".")
+        if name in placeholders:
+            value = torch.zeros(()).expand(expected_shape(spec, name))
+        else:
+            value = model.weights.get(name).float()
+        param = torch.nn.Parameter(value, requires_grad=False)
+        setattr(reference.get_submodule(owner), leaf, param)
+    reference.tie_weights()
+    return reference.eval()
+
+
+def convert(
+    model: CanonicalModel,
+    *,
+    compute: str,
+    kv_cache: str,
+    context: int,
+    ios18: bool,
+    weights_pass: Callable[[Any], None] | None = None,
+    placeholders: frozenset[str] = frozenset(),
+) -> Any:
+    """The mlprogram (`compute` precision) of the reference decoder; `ios18`: target iOS 18
+    (states and the constexpr ops of compressed weights need it). `weights_pass(program)` runs
+    first in coremltools' pass pipeline, on the fp32 program as traced: it must replace the
+    weight const of every canonical name in `placeholders`, whose traced values are zeros."""
+    import torch
 
     spec = model.spec
     stateful = kv_cache == "stateful"
     with coremltools() as ct:
-        reference = build_reference(spec, source=model.weights)
+        reference = _reference(model, placeholders)
         module = _decoder_module(reference, context, stateful)
         ids = torch.tensor([[1, 2, 3, 4]], dtype=torch.int32)
         mask = torch.zeros(1, 1, 4, 6 if stateful else 4)
@@ -184,8 +218,12 @@ def convert(
                 ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=n)
                 for n in ("keyCache", "valueCache")
             ]
+        pipeline = ct.PassPipeline.DEFAULT
+        if weights_pass is not None:
+            pipeline.insert_pass(0, _register(weights_pass))
         return ct.convert(
             traced,
+            pass_pipeline=pipeline,
             inputs=inputs,
             outputs=[ct.TensorType("logits")],
             states=states or None,
@@ -196,3 +234,17 @@ def convert(
             convert_to="mlprogram",
             skip_model_load=True,
         )
+
+
+def _register(apply: Callable[[Any], None]) -> str:
+    """`apply` as the coremltools graph pass "smolconvert::write_weights" (re-registered on each
+    export: the pass registry is global and takes classes, so the class closes over `apply`)."""
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import register_pass
+
+    @register_pass(namespace="smolconvert", override=True, name="write_weights")
+    class WriteWeights(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            apply(prog)
+
+    return "smolconvert::write_weights"

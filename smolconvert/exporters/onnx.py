@@ -27,7 +27,7 @@ from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
 from smolconvert.options import OnnxOptions
 from smolconvert.quantizers.nbits import FORMATS
-from smolconvert.quantizers.onnx_recipes import SCHEMES, OnnxScheme, codec_plan
+from smolconvert.quantizers.onnx_recipes import SCHEMES, OnnxScheme, codec_plan, kv_hessians
 
 INSTALL_HINT = "pip install 'smolconvert[onnx]'"
 # Options (smolconvert/options.py OnnxOptions): the plain graph's cache is always float; an int8
@@ -100,15 +100,18 @@ def export_onnx(
     layout: str = opts.layout
     graph: str = opts.graph
     chosen = SCHEMES[scheme]
-    gptq_option: str = opts.gptq
-    if gptq_option == "off":
-        chosen = replace(chosen, gptq=False)
     spec = model.spec
+    gptq_mode = None  # what GPTQ ran as: per-head, pooled or off; None when the scheme has none
+    if chosen.gptq:
+        gptq_mode = "off" if opts.gptq == "off" else kv_hessians(opts.gptq, spec.n_kv_heads)
+        chosen = replace(chosen, gptq=gptq_mode != "off")
     kv_cache = _kv_cache(chosen, graph, opts.kv_cache)
     cache_dtype = _cache_dtype(kv_cache, chosen)
     step = progress.Steps(quiet)
     plan = codec_plan(chosen.recipe, spec)
-    quantized, calibration = quantize_weights(model, chosen, plan, step)
+    quantized, calibration = quantize_weights(
+        model, chosen, plan, step, kv_hessians=gptq_mode or "per-head"
+    )
 
     def fetch(name: str) -> np.ndarray:
         return model.weights.get(name).float().numpy()
@@ -149,7 +152,7 @@ def export_onnx(
             "entry_points": {"model": rel, "genai_config": "genai_config.json"},
             "tensor_types": tensor_types,
             "options": {"layout": layout, "graph": graph, "kv_cache": kv_cache}
-            | ({"gptq": "off"} if gptq_option == "off" else {}),
+            | ({"gptq": gptq_mode} if gptq_mode else {}),
             "recipe": _describe_scheme(chosen),
             "imatrix": None,  # GPTQ (below) takes whole Hessians, not the diagonal an imatrix holds
             "calibration": calibration,

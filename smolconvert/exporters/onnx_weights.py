@@ -36,15 +36,23 @@ Plan = dict[str, str | None]  # canonical name -> codec name; None: stored float
 
 
 def quantize_weights(
-    model: CanonicalModel, scheme: OnnxScheme, plan: Plan, step: Callable[[str], None]
+    model: CanonicalModel,
+    scheme: OnnxScheme,
+    plan: Plan,
+    step: Callable[[str], None],
+    kv_hessians: str = "per-head",
 ) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
     """Every weight `plan` quantizes, by canonical name, and the calibration's description (None
-    without GPTQ). The untied token embedding is never GPTQ'd: no layer's Hessian sees it."""
+    without GPTQ). The untied token embedding is never GPTQ'd: no layer's Hessian sees it.
+    `kv_hessians`: GPTQ's k and v Hessians, "per-head" or "pooled" (quantizers/gptq.py)."""
     quantized: dict[str, QuantizedWeight] = {}
     calibration = None
     if scheme.gptq:
-        step(f"GPTQ over {model.spec.n_layers} layers on calibration text")
-        quantized, calibration = _gptq(model, plan)
+        step(
+            f"GPTQ over {model.spec.n_layers} layers on calibration text "
+            f"(k and v Hessians {kv_hessians})"
+        )
+        quantized, calibration = _gptq(model, plan, kv_hessians == "pooled")
     rest = [(n, c) for n, c in plan.items() if c is not None and n not in quantized]
     if rest:
         step(f"quantizing {len(rest)} tensors round-to-nearest")
@@ -53,7 +61,9 @@ def quantize_weights(
     return quantized, calibration
 
 
-def _gptq(model: CanonicalModel, plan: Plan) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
+def _gptq(
+    model: CanonicalModel, plan: Plan, pooled: bool
+) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
     """Every quantized projection and the head by sequential GPTQ on the built-in calibration
     text (the half of pydoc's topics that the default evaluation never reads)."""
     import torch
@@ -83,12 +93,13 @@ def _gptq(model: CanonicalModel, plan: Plan) -> tuple[dict[str, QuantizedWeight]
             out.update({p: torch.from_numpy(d) for p, d in zip(run, deq, strict=True)})
         return out
 
-    tokens = sequential_gptq(model, text.text, quantize_group)
+    tokens = sequential_gptq(model, text.text, quantize_group, pooled=pooled)
     meta = {
         "method": "gptq",
         "order": "act (descending Hessian diagonal), static block grids",
         "scales": "least-squares refit on the Hessian after the levels",
-        "hessians": "k and v per kv head, weighed by attention (gptq.attention_hessians)",
+        "hessians": f"k and v {'pooled over' if pooled else 'per'} kv head"
+        f"{'s' if pooled else ''}, weighed by attention (gptq.attention_hessians)",
         "damp": DAMP,
         "text_name": text.name,
         "text_sha256": text.sha256,

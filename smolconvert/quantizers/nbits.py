@@ -176,7 +176,12 @@ def _gptq(
     row range when `hessian` is a list of segments."""
     from smolconvert.quantizers.gptq import gptq  # torch: imported only when a Hessian is given
 
-    segments = hessian if isinstance(hessian, list) else [(len(w), hessian)]
+    segments: list[tuple[int, torch.Tensor]] = []
+    for n, h in hessian if isinstance(hessian, list) else [(len(w), hessian)]:
+        if segments and segments[-1][1] is h:  # rows on one Hessian: one factorization
+            segments[-1] = (segments[-1][0] + n, h)
+        else:
+            segments.append((n, h))
     if sum(n for n, _ in segments) != len(w):
         raise ValueError(
             f"Hessian segments cover {[n for n, _ in segments]} rows; the weight has {len(w)}"

@@ -97,3 +97,17 @@ def codec_runs(plan: dict[str, str | None], parts: list[str]) -> list[tuple[str 
         else:
             runs.append((codec, [part]))
     return runs
+
+
+# Per-KV-head Hessians cost two hidden x hidden grams and GPTQ runs per KV head and layer: cheap
+# at SmolLM2-135M/360M's 3-5 heads and SmolLM3's 4, hours at SmolLM2-1.7B's 32 (docs/scaling.md).
+PER_HEAD_MAX_KV_HEADS = 8
+
+
+def kv_hessians(option: str, n_kv_heads: int) -> str:
+    """'per-head' or 'pooled' for the `gptq` option's auto, per-head and pooled."""
+    if option == "auto":
+        return "per-head" if n_kv_heads <= PER_HEAD_MAX_KV_HEADS else "pooled"
+    if option not in ("per-head", "pooled"):
+        raise ValueError(f"no GPTQ Hessian mode {option!r}")
+    return option

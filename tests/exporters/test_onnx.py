@@ -562,7 +562,8 @@ def test_int4_without_gptq_rounds_to_nearest_and_says_so(tiny_folder: Path, tmp_
     q = smolconvert.validate(art.folder, ctx=64, windows=2, latency=False).quality
     assert q.kld_mean < 0.1  # a working 4-bit model, not garbage
     gptq = smolconvert.export(tiny_folder, to="onnx:int4", out=tmp_path / "gptq")
-    assert gptq.meta["recipe"]["gptq"] is True and "gptq" not in gptq.meta["options"]
+    assert gptq.meta["recipe"]["gptq"] is True and gptq.meta["options"]["gptq"] == "per-head"
+    assert gptq.meta["calibration"]["hessians"].startswith("k and v per kv head")
 
 
 # --- recipes on llama.cpp's roles; quantize, then build (issue 19) -------------------------------

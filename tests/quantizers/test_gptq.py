@@ -181,3 +181,34 @@ def test_quantize_takes_one_hessian_per_row_range() -> None:
     assert np.array_equal(both.packed, np.concatenate([p.packed for p in parts]))
     assert np.array_equal(both.scales, np.concatenate([p.scales for p in parts]))
     assert not np.array_equal(both.packed, quantize(w, codec, h1).packed)
+
+
+@pytest.mark.parametrize("use_rope", [True, False])
+@torch.inference_mode()
+def test_pooled_hessians_are_the_mean_of_the_per_head_ones(use_rope: bool) -> None:
+    """Pooled k and v Hessians, computed without a gram per head, equal the per-head ones
+    averaged over kv heads; so moving all of v's rows by E costs E's form on the pooled one."""
+    from smolconvert.quantizers.gptq import attention_hessians
+
+    att, cos, sin, mask = _attention(4, use_rope)
+    xs = [torch.randn(2, 12, 64), torch.randn(3, 12, 64)]
+    hk, hv = attention_hessians(att, xs, cos, sin, mask)
+    pk, pv = attention_hessians(att, xs, cos, sin, mask, pooled=True)
+    assert len(pk) == len(pv) == 1
+    for pooled, per_head in ((pk[0], sum(hk) / 2), (pv[0], sum(hv) / 2)):
+        assert (pooled - per_head).abs().max() < 1e-6 * per_head.abs().max()  # fp32 sums
+    assert not torch.allclose(hv[0], hv[1], rtol=1e-2)  # the heads differ: pooling is a choice
+
+
+def test_gptq_option_pools_kv_hessians_above_eight_kv_heads() -> None:
+    from smolconvert.quantizers.onnx_recipes import kv_hessians
+
+    published = {"SmolLM2-135M": 3, "SmolLM2-360M": 5, "SmolLM3-3B": 4, "SmolLM2-1.7B": 32}
+    auto = {name: kv_hessians("auto", heads) for name, heads in published.items()}
+    assert auto == {
+        "SmolLM2-135M": "per-head",
+        "SmolLM2-360M": "per-head",
+        "SmolLM3-3B": "per-head",
+        "SmolLM2-1.7B": "pooled",
+    }
+    assert kv_hessians("per-head", 32) == "per-head" and kv_hessians("pooled", 3) == "pooled"
