@@ -6,11 +6,16 @@
    files.
 2. Times llama.cpp's converter (convert_hf_to_gguf.py from the llama-cpp-python 0.3.36 source
    distribution, fetched with pip into the work folder, never committed) to an f32 GGUF, and
-   llama.cpp's quantizer (llama_model_quantize) to q4_k_m.
-3. Times `smolconvert export` to gguf:f32 and gguf:q4_k_m (plain and with --imatrix) from the
-   same folder.
-4. Compares per-tensor types and scores every q4_k_m file in llama.cpp with smolconvert's quality
-   protocol against the same fp32 reference; prints ratios (ours / theirs).
+   llama.cpp's quantizer (llama_model_quantize) to q4_k_m and iq4_nl.
+3. Times `smolconvert export` to gguf:f32 and gguf:q4_k_m (plain and with --imatrix), gguf:iq4_nl
+   with --imatrix, and gguf:auto at --auto-mb MB with --imatrix, from the same folder.
+4. Compares per-tensor types and scores every quantized file in llama.cpp with smolconvert's
+   quality protocol against the same fp32 reference; prints ratios (ours / theirs).
+
+llama.cpp's imatrix files come from its llama-imatrix tool, which llama-cpp-python does not
+ship; given the same importance matrix its quantizer writes the bytes our imatrix rows do (the
+codecs are byte-identical to ggml_quantize_chunk with importance, tests/quantizers/test_oracle.py,
+and the mixtures pick its types), so those rows stand for both.
 
 Needs llama-cpp-python and sentencepiece (llama.cpp's converter imports it).
 """
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--source", default="default")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/smolconvert/bench-gguf")
+    ap.add_argument("--auto-mb", type=float, default=90.0, help="gguf:auto's size budget")
     args = ap.parse_args()
     import llama_cpp
 
@@ -85,48 +91,82 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
-    theirs_q4 = work / "llama-cpp-q4_k_m.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    rc, t_quant = timed(
-        llama_cpp.llama_model_quantize,
-        str(theirs_f32).encode(),
-        str(theirs_q4).encode(),
-        ctypes.byref(params),
-    )
-    assert rc == 0, "llama_model_quantize failed"
+    theirs: dict[str, Path] = {}
+    t_quant: dict[str, float] = {}
+    for scheme, ftype in (
+        ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+        ("iq4_nl", llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL),
+    ):
+        theirs[scheme] = work / f"llama-cpp-{scheme}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        rc, t_quant[scheme] = timed(
+            llama_cpp.llama_model_quantize,
+            str(theirs_f32).encode(),
+            str(theirs[scheme]).encode(),
+            ctypes.byref(params),
+        )
+        assert rc == 0, f"llama_model_quantize {scheme} failed"
 
     ours_f32, t_ours_f32 = timed(smolconvert.export, hf, to="gguf:f32", out=work / "ours-f32")
     ours_q4, t_ours_q4 = timed(smolconvert.export, hf, to="gguf:q4_k_m", out=work / "ours-q4")
     ours_iq4, t_ours_iq4 = timed(
         smolconvert.export, hf, to="gguf:q4_k_m", imatrix=True, out=work / "ours-q4-imatrix"
     )
+    ours_nl, t_ours_nl = timed(
+        smolconvert.export, hf, to="gguf:iq4_nl", imatrix=True, out=work / "ours-iq4_nl-imatrix"
+    )
+    ours_nl_plain = smolconvert.export(hf, to="gguf:iq4_nl", out=work / "ours-iq4_nl")
+    ours_auto, t_ours_auto = timed(
+        smolconvert.export,
+        hf,
+        to="gguf:auto",
+        options={"size_mb": args.auto_mb},
+        imatrix=True,
+        out=work / "ours-auto-imatrix",
+    )
 
-    their_types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(theirs_q4)).tensors}
-    same_types = their_types == ours_q4.meta["tensor_types"]
+    def tensor_bytes(path: Path) -> dict[str, bytes]:
+        return {t.name: t.data.tobytes() for t in gguf.GGUFReader(str(path)).tensors}
 
-    # Score llama.cpp's q4_k_m with the same protocol: wrap it as an artifact of the hf source.
-    their_art = work / "llama-cpp-q4_k_m"
-    their_art.mkdir(exist_ok=True)
-    (their_art / "model.gguf").write_bytes(theirs_q4.read_bytes())
+    def types(path: Path) -> dict[str, str]:
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+    same_types = {
+        "q4_k_m": types(theirs["q4_k_m"]) == ours_q4.meta["tensor_types"],
+        "iq4_nl": types(theirs["iq4_nl"]) == ours_nl_plain.meta["tensor_types"],
+        "iq4_nl tensor bytes": tensor_bytes(theirs["iq4_nl"])
+        == tensor_bytes(ours_nl_plain.path("model")),
+    }
+
+    # Score llama.cpp's files with the same protocol: wrap each as an artifact of the hf source.
     from smolconvert.artifact import file_entries, write_json
 
-    write_json(
-        their_art / "artifact.json",
-        {
-            "target": "gguf",
-            "scheme": "q4_k_m",
-            "source": str(hf),
-            "source_sha256": smolconvert.load(hf).sha256,
-            "entry_points": {"model": "model.gguf"},
-            "files": file_entries(their_art),
-        },
-    )
+    their_arts = {}
+    for scheme, path in theirs.items():
+        folder = work / f"llama-cpp-{scheme}"
+        folder.mkdir(exist_ok=True)
+        (folder / "model.gguf").write_bytes(path.read_bytes())
+        write_json(
+            folder / "artifact.json",
+            {
+                "target": "gguf",
+                "scheme": scheme,
+                "source": str(hf),
+                "source_sha256": smolconvert.load(hf).sha256,
+                "entry_points": {"model": "model.gguf"},
+                "files": file_entries(folder),
+            },
+        )
+        their_arts[scheme] = folder
     reports = {}
     for name, folder in (
-        ("llama.cpp q4_k_m", their_art),
+        ("llama.cpp q4_k_m", their_arts["q4_k_m"]),
+        ("llama.cpp iq4_nl", their_arts["iq4_nl"]),
         ("ours q4_k_m", ours_q4.folder),
         ("ours q4_k_m imatrix", ours_iq4.folder),
+        ("ours iq4_nl imatrix", ours_nl.folder),
+        (f"ours auto {args.auto_mb:g}MB imatrix", ours_auto.folder),
     ):
         reports[name] = smolconvert.validate(folder, windows=args.windows, latency=False)
 
@@ -136,12 +176,17 @@ def main() -> None:
         f"   ratio ours/theirs {t_ours_f32 / t_convert:.2f}"
     )
     print(
-        f"q4_k_m from folder:  llama.cpp convert+quantize {t_convert + t_quant:6.1f} s "
-        f"(quantize alone {t_quant:.1f} s)   ours {t_ours_q4:6.1f} s   ratio "
-        f"{t_ours_q4 / (t_convert + t_quant):.2f}"
+        f"q4_k_m from folder:  llama.cpp convert+quantize {t_convert + t_quant['q4_k_m']:6.1f} s "
+        f"(quantize alone {t_quant['q4_k_m']:.1f} s)   ours {t_ours_q4:6.1f} s   ratio "
+        f"{t_ours_q4 / (t_convert + t_quant['q4_k_m']):.2f}"
     )
     print(f"q4_k_m + imatrix:    ours {t_ours_iq4:6.1f} s (includes collecting the imatrix)")
-    print(f"per-tensor types identical to llama.cpp's q4_k_m: {same_types}")
+    print(
+        f"iq4_nl:              llama.cpp quantize {t_quant['iq4_nl']:6.1f} s   ours + imatrix "
+        f"{t_ours_nl:6.1f} s"
+    )
+    print(f"auto + imatrix:      ours {t_ours_auto:6.1f} s (imatrix, sensitivity, export)")
+    print(f"identical to llama.cpp's: {same_types}")
     base = reports["llama.cpp q4_k_m"].quality.kld_mean
     for name, rep in reports.items():
         q = rep.quality

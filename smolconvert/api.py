@@ -66,6 +66,7 @@ def export(
 
     family, scheme = parse_target(to)
     resolved = family.resolve_options(options)
+    family.check_options(scheme, resolved)
     model = load(source, allow_pickle=allow_pickle, strict_config=strict_config)
     folder = Path(out) if out is not None else Path(f"{model.name}-{family.name}-{scheme}")
     policy = A.OutputPolicy(overwrite=overwrite, protect=A.input_paths(model), note=Steps(quiet))

@@ -147,8 +147,8 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, strict_config: bool)
     "extra",
     multiple=True,
     metavar="KEY=VALUE",
-    help="A target family's option, e.g. -O layout=genai for ONNX or -O kv_cache=stateless for "
-    "Core ML (repeatable; `export --list` shows every option with its values).",
+    help="A target family's option, e.g. -O layout=genai for ONNX, -O size_mb=90 for gguf:auto "
+    "(repeatable; `export --list` shows every option with its values).",
 )
 @click.option("--layout", default=None, hidden=True)  # 0.1 spellings of -O: one more release
 @click.option("--kv-cache", default=None, hidden=True)
@@ -179,8 +179,9 @@ def export(
     """Export SOURCE to a device format; the folder holds the files and artifact.json.
 
     SOURCE is a Hugging Face model folder, a .gguf file, or 'default' (SmolLM2-135M).
-    Targets: gguf:<type> for llama.cpp, onnx:<precision> for onnxruntime / Transformers.js /
-    onnxruntime-genai, coreml:<precision> for Core ML, mlc:<scheme> for MLC LLM.
+    Targets: gguf:<type> for llama.cpp (gguf:auto -O size_mb=MB picks a type per tensor within a
+    budget), onnx:<precision> for onnxruntime / Transformers.js / onnxruntime-genai,
+    coreml:<precision> for Core ML, mlc:<scheme> for MLC LLM.
     """
     if list_schemes:
         _list_targets(as_json)
@@ -229,7 +230,9 @@ def _list_targets(as_json: bool) -> None:
         return
     for r in rows:
         mixture = f"  ({', '.join(r['mixture'])})" if r.get("mixture") else ""
-        click.echo(f"{r['target']:<16} {r['bits_per_weight']:5.2f} bits/weight{mixture}")
+        bits = r["bits_per_weight"]
+        size = f"{bits:5.2f} bits/weight" if bits is not None else "the budget you set"
+        click.echo(f"{r['target']:<16} {size}{mixture}")
     for o in options:
         values = " | ".join(o["values"])
         click.echo(

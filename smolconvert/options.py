@@ -1,13 +1,14 @@
 """Each target family's options: one frozen dataclass per family, parsed once (smolconvert.targets)
 from `-O KEY=VALUE`, the API's `options` or a release config, and handed to its exporter.
 
-A field's Literal type lists its values, the default first; `help` in its metadata is what
-`smolconvert export --list` prints.
+A field's Literal type lists its values, the default first; a `float | None` field is a number
+(unset by default). `help` in its metadata is what `smolconvert export --list` prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,9 +18,21 @@ def _help(text: str) -> Any:
     return {"help": text}
 
 
+NUMBER = "<number>"  # what `export --list` shows for a numeric option's values
+
+
 @dataclass(frozen=True)
 class GgufOptions:
-    """GGUF has no layout choices: the scheme says it all."""
+    """The budget of `gguf:auto` (one of the two); every other GGUF scheme is fixed by its name."""
+
+    size_mb: float | None = field(
+        default=None,
+        metadata=_help("gguf:auto only: the file's size budget in MB (10^6 bytes)"),
+    )
+    bpw: float | None = field(
+        default=None,
+        metadata=_help("gguf:auto only: the budget in bits per weight over the whole file"),
+    )
 
 
 @dataclass(frozen=True)
@@ -67,14 +80,53 @@ class MlcOptions:
     )
 
 
+def _is_number(hint: Any) -> bool:
+    return float in typing.get_args(hint)
+
+
 def option_choices(cls: type) -> dict[str, tuple[str, ...]]:
-    """Each option of an options dataclass with its allowed values, the default first."""
+    """Each option of an options dataclass with its allowed values, the default first; a
+    numeric option reads ("none", NUMBER)."""
     hints = typing.get_type_hints(cls)
-    out = {}
+    out: dict[str, tuple[str, ...]] = {}
     for f in dataclasses.fields(cls):
+        if _is_number(hints[f.name]):
+            out[f.name] = ("none", NUMBER)
+            continue
         values = tuple(str(v) for v in typing.get_args(hints[f.name]))
         out[f.name] = (str(f.default), *(v for v in values if v != f.default))
     return out
+
+
+def parse_option(cls: type, key: str, value: Any) -> Any:
+    """One option's value from its text (or number): a choice of its Literal, or a positive
+    finite number (or "none") for a numeric option. Raises ValueError with what is allowed."""
+    hint = typing.get_type_hints(cls)[key]
+    if not _is_number(hint):
+        text = str(value)
+        allowed = option_choices(cls)[key]
+        if text not in allowed:
+            raise ValueError(f"is not one of {', '.join(allowed)}")
+        return text
+    if value is None or str(value).strip().lower() == "none":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def option_texts(options: Any) -> dict[str, str]:
+    """An options instance as text, leaving out unset numbers: adding an optional number to a
+    family must not change what its existing targets record (release cache keys)."""
+    return {
+        k: v if isinstance(v, str) else f"{v:g}"
+        for k, v in dataclasses.asdict(options).items()
+        if v is not None
+    }
 
 
 def option_help(cls: type) -> dict[str, str]:

@@ -251,6 +251,7 @@ def _targets(raw: Any, lines: _Lines, where: str, latency: bool) -> tuple[Target
             raise ConfigError(f"{here}: options must be a table, got {options!r}")
         try:
             resolved = family.resolve_options(options)
+            family.check_options(scheme, resolved)
         except ConfigError as e:
             raise ConfigError(f"{here}{lines.find('options', '[[targets]]', n)}: {e}") from None
         budget_raw = t.get("budget", {})

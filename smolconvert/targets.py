@@ -10,7 +10,6 @@ Adding a family is one entry here, its exporter and its runner.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 from collections.abc import Callable, Mapping
@@ -25,6 +24,8 @@ from smolconvert.options import (
     MlcOptions,
     OnnxOptions,
     option_choices,
+    option_texts,
+    parse_option,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 ExportFn = Callable[..., "Artifact"]
 OpenRunner = Callable[["Artifact", int, "int | None"], "Runner"]
+CheckOptions = Callable[[str, Any], None]  # (scheme, options) -> None or a ConfigError
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Family:
     code: tuple[str, ...]  # smolconvert modules whose code decides the exported bytes
     libraries: tuple[str, ...]  # distributions whose version changes what is built or measured
     extra: str  # the pip extra that brings its runtime
+    checker: Callable[[], CheckOptions] | None = None  # imports and returns its options check
 
     def schemes(self) -> list[str]:
         return [row["target"].partition(":")[2] for row in self.describe()]
@@ -67,17 +70,22 @@ class Family:
             )
         values = {}
         for key, value in given.items():
-            value = str(value)
-            if value not in allowed[key]:
-                raise ConfigError(
-                    f"{self.name} option {key}={value!r} is not one of {', '.join(allowed[key])}"
-                )
-            values[key] = value
+            try:
+                values[key] = parse_option(self.options, key, value)
+            except ValueError as e:
+                raise ConfigError(f"{self.name} option {key}={value!r} {e}") from None
         return self.options(**values)
 
     def resolve_options(self, given: Mapping[str, Any] | Any | None = None) -> dict[str, str]:
-        """Every option with its value, as recorded in release configs and manifests."""
-        return {k: str(v) for k, v in dataclasses.asdict(self.parse_options(given)).items()}
+        """Every option with its value, as recorded in release configs and manifests (unset
+        numbers left out)."""
+        return option_texts(self.parse_options(given))
+
+    def check_options(self, scheme: str, given: Mapping[str, Any] | Any | None = None) -> None:
+        """Refuse options that do not fit the scheme, before any long work."""
+        options = self.parse_options(given)
+        if self.checker is not None:
+            self.checker()(scheme, options)
 
     def export(
         self,
@@ -136,6 +144,7 @@ COMMON_CODE = (
     "smolconvert.quantizers.group",
     "smolconvert.quantizers.kmeans",
     "smolconvert.quantizers.nbits",
+    "smolconvert.quantizers.iquants",
     "smolconvert.quantizers.kquants",
     "smolconvert.quantizers.legacy",
     "smolconvert.quantizers.scale_search",
@@ -153,6 +162,12 @@ def _gguf_describe() -> list[dict[str, Any]]:
     from smolconvert.exporters.gguf import describe_schemes
 
     return describe_schemes()
+
+
+def _gguf_check() -> CheckOptions:
+    from smolconvert.exporters.gguf import check_options
+
+    return check_options
 
 
 def _gguf_runner() -> OpenRunner:
@@ -225,10 +240,12 @@ FAMILIES: dict[str, Family] = {
         (
             *COMMON_CODE,
             "smolconvert.exporters.gguf",
+            "smolconvert.quantizers.gguf_auto",
             "smolconvert.quantizers.gguf_recipes",
         ),
         ("gguf", "numpy", "torch", "llama-cpp-python"),
         "gguf",
+        _gguf_check,
     ),
     "onnx": Family(
         "onnx",

@@ -8,6 +8,8 @@ tied output are not covered, as in llama.cpp.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,25 +59,37 @@ def collect_imatrix(
             f"calibration text {text.name} has {len(ids)} tokens, fewer than one chunk of {ctx}"
         )
     decoder = build_reference(model.spec, source=model.weights)
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in decoder.model.layers.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            key = f"model.layers.{name}.weight"
-
-            def hook(mod: Any, args: tuple[torch.Tensor, ...], out: Any, key: str = key) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                sums[key] = sums.get(key, 0) + (x * x).sum(0)
-
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with progress.bar(n, "imatrix") as bar:
-            for c in range(n):
-                decoder.logits(ids[c * ctx : (c + 1) * ctx])
-                bar.update(1)
-    finally:
-        for h in hooks:
-            h.remove()
+    linears = {
+        f"model.layers.{name}.weight": module
+        for name, module in decoder.model.layers.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    with input_square_sums(linears) as sums, progress.bar(n, "imatrix") as bar:
+        for c in range(n):
+            decoder.logits(ids[c * ctx : (c + 1) * ctx])
+            bar.update(1)
     tokens = n * ctx
     values = {k: (v / tokens).float().numpy() for k, v in sorted(sums.items())}
     return Imatrix(values, text.name, text.sha256, len(text.text), n, tokens)
+
+
+@contextmanager
+def input_square_sums(
+    linears: Mapping[str, torch.nn.Module],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, every forward adds each module's input x^2, summed over tokens per input
+    column (float64), into the yielded dict under that module's key."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for key, module in linears.items():
+
+        def hook(mod: Any, args: tuple[torch.Tensor, ...], out: Any, key: str = key) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        yield sums
+    finally:
+        for h in hooks:
+            h.remove()

@@ -2,7 +2,8 @@
 
 quantize(w (rows, cols) float32, importance (cols,) | None) -> uint8 (rows, cols // block_size *
 type_size) and dequantize(bytes, shape) -> float32. This module does the checks and the row
-chunking (bounded memory, cache-sized work); the kernels in `legacy` and `kquants` do the math.
+chunking (bounded memory, cache-sized work); the kernels in `legacy`, `kquants` and `iquants` do
+the math.
 Block geometry comes from gguf's GGML_QUANT_SIZES, the one table upstream.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from smolconvert.errors import ConfigError, CorruptFileError, UnsupportedError, ValidationError
-from smolconvert.quantizers import kquants, legacy
+from smolconvert.quantizers import iquants, kquants, legacy
 from smolconvert.quantizers.codec import Codec
 from smolconvert.quantizers.legacy import RowKernel
 from smolconvert.quantizers.scale_search import F32
@@ -35,7 +36,8 @@ def _check_row(name: str, block_size: int, shape: tuple[int, ...]) -> None:
     cols = shape[-1]
     if cols % block_size:
         fix = (
-            " llama.cpp falls back to q4_0/q5_0/q5_1/q8_0 for such rows (quantizers.gguf_recipes)."
+            " llama.cpp falls back to q4_0/q5_0/q5_1/q8_0/iq4_nl for such rows"
+            " (quantizers.gguf_recipes)."
             if block_size == 256
             else " Store this tensor as f16 or f32."
         )
@@ -142,5 +144,7 @@ CODECS: dict[str, Codec] = {
         _codec("q4_k", _superblocks(kquants.quantize_q4_k), kquants.dequantize_q4_k, True),
         _codec("q5_k", _superblocks(kquants.quantize_q5_k), kquants.dequantize_q5_k, True),
         _codec("q6_k", _superblocks(kquants.quantize_q6_k), kquants.dequantize_q6_k, True),
+        _codec("iq4_nl", iquants.quantize_iq4_nl, legacy.dequantize_via_gguf(Q.IQ4_NL), True),
+        _codec("iq4_xs", iquants.quantize_iq4_xs, legacy.dequantize_via_gguf(Q.IQ4_XS), True),
     )
 }

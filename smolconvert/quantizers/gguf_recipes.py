@@ -53,6 +53,13 @@ def _plain(name: str, file_type: int, rules: tuple[Rule, ...] = ()) -> GgufSchem
     return _scheme(name, file_type, name, rules)
 
 
+# llama.cpp's rules for LLAMA_FTYPE_MOSTLY_IQ4_NL and _IQ4_XS: its guard for the first ffn_down
+# layers applies only without an imatrix (the opposite of q4_0's and q5_0's).
+_IQ4_RULES = (
+    Rule("attn_v", "q5_k", gqa_at_least(4)),
+    Rule("ffn_down", "q5_k", first_eighth, unless_imatrix=True),
+)
+
 SCHEMES: dict[str, GgufScheme] = {
     r.name: r
     for r in (
@@ -127,11 +134,21 @@ SCHEMES: dict[str, GgufScheme] = {
             ),
         ),
         _scheme("q6_k", 18, "q6_k"),
+        _plain("iq4_nl", 25, _IQ4_RULES),
+        _plain("iq4_xs", 30, _IQ4_RULES),
     )
 }
 
-# tensor_type_fallback: a 256-block type on rows that are not a multiple of 256.
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# tensor_type_fallback: a 256-block type on rows that are not a multiple of 256. A type without an
+# entry (32-block types) stays as it is; rows that its blocks do not divide either become f16.
+FALLBACK = {
+    "q2_k": "q4_0",
+    "q3_k": "q4_0",
+    "q4_k": "q5_0",
+    "q5_k": "q5_1",
+    "q6_k": "q8_0",
+    "iq4_xs": "iq4_nl",
+}
 
 
 def block_size(codec: str) -> int:

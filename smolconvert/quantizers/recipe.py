@@ -61,10 +61,19 @@ class Rule:
     codec: str | None  # a registered codec name; None keeps the weight float
     when: When = always
     needs_imatrix: bool = False  # applies only when quantizing with an importance matrix
+    unless_imatrix: bool = False  # applies only when quantizing without one
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"rule role {self.role!r} is not one of {', '.join(ROLES)}")
+        if self.needs_imatrix and self.unless_imatrix:
+            raise ValueError(f"rule for {self.role!r} cannot both need and exclude an imatrix")
+
+    def applies(self, has_imatrix: bool) -> bool:
+        """Whether the rule is in force when quantizing with (or without) an imatrix."""
+        if self.needs_imatrix or self.unless_imatrix:
+            return has_imatrix == self.needs_imatrix
+        return True
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ class Recipe:
         if role == "norm":
             return None
         for rule in self.rules:
-            if rule.role != role or (rule.needs_imatrix and not has_imatrix):
+            if rule.role != role or not rule.applies(has_imatrix):
                 continue
             if rule.when(layer if layer is not None else 0, n_layers, gqa):
                 return rule.codec

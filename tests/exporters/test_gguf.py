@@ -27,7 +27,9 @@ ALIGNED = {
     "num_key_value_heads": 2,
     "num_hidden_layers": 4,
 }
-SHAPES = {"aligned": ALIGNED, "unaligned": {}}
+# 8 layers and 4 query heads per kv head: where the first-eighth and n_gqa >= 4 rules choose
+DEEP = ALIGNED | {"num_hidden_layers": 8, "num_attention_heads": 8}
+SHAPES = {"aligned": ALIGNED, "unaligned": {}, "deep": DEEP}
 
 
 def _folder(tmp_path: Path, arch: str, shape: str) -> Path:
@@ -75,6 +77,8 @@ def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
         "q4_k_m",
         "q5_k_m",
         "q6_k",
+        "iq4_nl",
+        "iq4_xs",
     ],
 )
 def test_llama_cpp_runs_our_file_like_the_reference_on_our_weights(
@@ -139,13 +143,32 @@ def test_smollm3_with_another_no_rope_pattern_is_refused(tmp_path: Path) -> None
         plan(ModelSpec.from_config(cfg), "q8_0")
 
 
-@pytest.mark.parametrize("shape", ["aligned", "unaligned"])
-def test_mixtures_choose_llama_cpp_types(tmp_path: Path, shape: str) -> None:
-    """Our plan for each mixture equals what llama.cpp's own quantizer picks for the same model."""
+def _imatrix_entries(path: Path) -> tuple[ctypes.Array, list[np.ndarray]]:
+    """An imatrix for llama_model_quantize: ones for every layer weight (llama-imatrix never
+    covers token_embd or output), as a NULL-terminated llama_model_imatrix_data array."""
+    import llama_cpp
+
+    tensors = [t for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.")]
+    vectors = [np.ones(int(t.shape[0]), np.float32) for t in tensors if len(t.shape) == 2]
+    names = [t.name for t in tensors if len(t.shape) == 2]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for entry, name, vector in zip(entries, names, vectors, strict=False):
+        entry.name = name.encode()
+        entry.data = vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = vector.size
+    return entries, vectors
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("shape", ["aligned", "unaligned", "deep"])
+def test_mixtures_choose_llama_cpp_types(tmp_path: Path, shape: str, with_imatrix: bool) -> None:
+    """Our plan for each mixture equals what llama.cpp's own quantizer picks for the same model,
+    with and without an imatrix (llama.cpp then bends q4_0, q5_0, iq4_nl and iq4_xs)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     folder = _folder(tmp_path, "llama", shape)
     art = smolconvert.export(folder, to="gguf:f32", out=tmp_path / "f32")
     spec = smolconvert.load(folder).spec
+    entries, _vectors = _imatrix_entries(art.path("model"))
     for scheme in (
         "q2_k",
         "q3_k_s",
@@ -157,10 +180,18 @@ def test_mixtures_choose_llama_cpp_types(tmp_path: Path, shape: str) -> None:
         "q5_k_m",
         "q6_k",
         "q4_0",
+        "q5_0",
         "q8_0",
+        "iq4_nl",
+        "iq4_xs",
     ):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{scheme.upper()}")
+        params.nthread = 2
+        if with_imatrix:
+            params.imatrix = ctypes.cast(
+                entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)
+            )
         dst = tmp_path / f"lc-{scheme}.gguf"
         assert (
             llama_cpp.llama_model_quantize(
@@ -169,7 +200,7 @@ def test_mixtures_choose_llama_cpp_types(tmp_path: Path, shape: str) -> None:
             == 0
         )
         theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors}
-        ours = {t.gguf_name: t.qtype.name for t in plan(spec, scheme)}
+        ours = {t.gguf_name: t.qtype.name for t in plan(spec, scheme, with_imatrix)}
         assert ours == theirs, scheme
 
 

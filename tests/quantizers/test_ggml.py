@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from smolconvert.errors import ConfigError, CorruptFileError, UnsupportedError, ValidationError
-from smolconvert.quantizers import Codec, get_codec
+from smolconvert.quantizers import Codec, get_codec, iquants
 from smolconvert.quantizers.ggml import CODECS
 
 ALL = sorted(CODECS)
@@ -16,8 +16,9 @@ WEIGHTED = [n for n in ALL if CODECS[n].uses_importance]
 
 # Relative RMS error of quantize -> dequantize on N(0, 1) weights, about 1.25x what llama.cpp's own
 # searches reach (measured: q8_0 0.0054, q6_k 0.0178, q5_k 0.036, q4_k 0.071, q3_k 0.151, q2_k
-# 0.296, q4_0 0.086, q4_1 0.078, q5_0 0.043, q5_1 0.038). A codec missing here gets a bound from its
-# bits per weight, which every K-quant and legacy type meets with room to spare.
+# 0.296, q4_0 0.086, q4_1 0.078, q5_0 0.043, q5_1 0.038, iq4_nl 0.076, iq4_xs 0.077). A codec
+# missing here gets a bound from its bits per weight, which every K-quant and legacy type meets
+# with room to spare.
 REL_ERROR = {
     "f32": 0.0,
     "f16": 3e-4,
@@ -28,6 +29,8 @@ REL_ERROR = {
     "q5_1": 0.048,
     "q5_0": 0.054,
     "q4_k": 0.09,
+    "iq4_nl": 0.095,
+    "iq4_xs": 0.096,
     "q4_1": 0.098,
     "q4_0": 0.108,
     "q3_k": 0.19,
@@ -50,9 +53,9 @@ def _shapes(codec: Codec) -> list[tuple[int, ...]]:
 
 def test_every_gguf_type_the_recipes_use_is_registered() -> None:
     legacy = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
-    assert legacy | {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"} <= set(CODECS)
+    assert legacy | {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"} <= set(CODECS)
     assert {n for n in CODECS if CODECS[n].uses_importance} == {
-        "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"
+        "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"
     }  # fmt: skip
 
 
@@ -185,6 +188,50 @@ def test_truncated_bytes_are_refused(name: str) -> None:
     np.testing.assert_array_equal(
         codec.dequantize(data.tobytes(), shape), codec.dequantize(data, shape)
     )
+
+
+# kvalues_iq4nl: -127 -104 -83 -65 -49 -35 -22 -10 1 13 25 38 53 69 89 113
+BEST_INDEX = [
+    (-1e30, 0),
+    (-127.0, 0),
+    (-115.6, 0),
+    (-115.5, 1),  # halfway between -127 and -104: a tie goes to the upper level
+    (-4.6, 7),
+    (-4.5, 8),  # halfway between -10 and 1
+    (0.0, 8),
+    (100.9, 14),
+    (101.0, 15),  # halfway between 89 and 113
+    (113.0, 15),
+    (np.inf, 15),
+    (-np.inf, 0),
+    (np.nan, 15),  # no comparison holds: C's bisection ends on the top level
+]
+
+
+def test_iq4_best_index_is_llama_cpp_s() -> None:
+    """`best_index_int8` on hand-picked points: edges, exact ties and non-finite values."""
+    x = np.array([v for v, _ in BEST_INDEX], np.float32)
+    with np.errstate(invalid="ignore"):
+        got = iquants.best_index(x)
+        levels = iquants.nearest_level(x)
+    assert got.tolist() == [i for _, i in BEST_INDEX]
+    np.testing.assert_array_equal(levels, iquants.KVALUES[got])
+
+
+def test_iq4_golden_blocks() -> None:
+    """Blocks worked out by hand from `quantize_row_iq4_nl_impl`: weights that sit exactly on
+    the levels at scale 2^-7 (d = 2^-7 = fp16 0x2000, indices j % 16), the same as an iq4_xs
+    super-block (d = -max_scale / 32 = -2^-12 = 0x8c00, every sub-block l = -32, code 0), and all
+    zeros (iq4_nl d = 0 with index 8, the level nearest 0; iq4_xs d = -0.0 and code 32)."""
+    on_levels = np.tile(iquants.KVALUES / 128, 2)[None]  # (1, 32)
+    qs = bytes(17 * i for i in range(16))  # 00 11 22 .. ff
+    assert CODECS["iq4_nl"].quantize(on_levels).tobytes() == bytes.fromhex("0020") + qs
+    expected_xs = bytes.fromhex("008c000000000000") + qs * 8
+    assert CODECS["iq4_xs"].quantize(np.tile(on_levels, 8)).tobytes() == expected_xs
+    zeros = np.zeros((1, 256), np.float32)
+    assert CODECS["iq4_nl"].quantize(zeros[:, :32]).tobytes() == b"\0\0" + b"\x88" * 16
+    zero_xs = bytes.fromhex("0080aaaa00000000") + b"\x88" * 128
+    assert CODECS["iq4_xs"].quantize(zeros).tobytes() == zero_xs
 
 
 def test_unknown_codec_lists_the_known_ones() -> None:

@@ -13,9 +13,12 @@ import gguf
 import numpy as np
 import pytest
 
+from smolconvert.quantizers import iquants
 from smolconvert.quantizers.ggml import CODECS
+from smolconvert.quantizers.legacy import RowKernel
 from tests.quantizers.conftest import importances, mixed_weights
 from tests.quantizers.ggml_oracle import Ggml
+from tests.quantizers.test_registry import GOLDEN, digest, golden_weights
 
 pytestmark = pytest.mark.needs_llama_cpp
 
@@ -55,6 +58,37 @@ def test_uses_importance_exactly_where_llama_cpp_does(ggml: Ggml, name: str) -> 
     plain = ggml.quantize(name, WEIGHTS)
     weighted = ggml.quantize(name, WEIGHTS, IMPORTANCE["spread"])
     assert CODECS[name].uses_importance == (not np.array_equal(plain, weighted))
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_golden_digests_are_llama_cpp_s(ggml: Ggml, name: str) -> None:
+    """The pinned digests of test_registry are libggml's bytes, not a snapshot of our own."""
+    assert digest(ggml.quantize(name, golden_weights())) == GOLDEN[name]
+
+
+@pytest.mark.parametrize("importance", sorted(IMPORTANCE))
+@pytest.mark.parametrize(
+    ("name", "kernel"), [("iq4_nl", iquants.quantize_iq4_nl), ("iq4_xs", iquants.quantize_iq4_xs)]
+)
+def test_iq4_kernels_map_non_finite_weights_as_llama_cpp(
+    ggml: Ggml, name: str, kernel: RowKernel, importance: str
+) -> None:
+    """The codecs refuse NaN and infinities, but the kernels below them follow C through them:
+    a NaN is skipped by the max search, poisons its block's sums and takes the top level."""
+    x = WEIGHTS[:8].copy()
+    x[0, 3] = np.nan  # one NaN in a block
+    x[1] = np.nan  # a whole row
+    x[2, 5], x[2, 300] = np.inf, -np.inf
+    x[3, ::3] = np.nan
+    x[4] = 0.0
+    x[4, 40] = np.nan  # NaN in an otherwise all-zero block
+    x[5, :256] = 3e38  # finite, but x*x overflows
+    x[6, :32] = -1e-40  # subnormal
+    with np.errstate(all="ignore"):
+        ours = kernel(x, IMPORTANCE[importance])
+    theirs = ggml.quantize(name, x, IMPORTANCE[importance])
+    same = (ours == theirs).all(axis=1)
+    assert same.all(), f"rows {np.flatnonzero(~same).tolist()} differ"
 
 
 def _tiny_f32_gguf(path: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -104,10 +138,13 @@ def _tiny_f32_gguf(path: Path, rng: np.random.Generator) -> dict[str, np.ndarray
         ("Q5_K_S", {"q5_k", "q6_k"}),
         ("Q4_0", {"q4_0", "q6_k"}),
         ("Q5_1", {"q5_1", "q6_k"}),
+        ("IQ4_NL", {"iq4_nl", "q6_k"}),
+        ("IQ4_XS", {"iq4_xs", "q6_k"}),
     ],
 )
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 def test_llama_model_quantize_writes_our_bytes(
-    ggml: Ggml, tmp_path: Path, ftype: str, expected: set[str]
+    ggml: Ggml, tmp_path: Path, ftype: str, expected: set[str], with_imatrix: bool
 ) -> None:
     import llama_cpp
 
@@ -115,6 +152,16 @@ def test_llama_model_quantize_writes_our_bytes(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = 2
+    # an imatrix as llama-imatrix writes it: every layer weight, not token_embd nor output
+    covered = {n: t for n, t in data.items() if t.ndim == 2 and n.startswith("blk.")}
+    qw = {n: importances(t.shape[1], seed=i)[0] for i, (n, t) in enumerate(covered.items())}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(qw) + 1))()  # NULL name ends the list
+    for entry, (name, vector) in zip(entries, qw.items(), strict=False):
+        entry.name = name.encode()
+        entry.data = vector.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = vector.size
+    if with_imatrix:
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     out = tmp_path / f"{ftype}.gguf"
     assert (
         llama_cpp.llama_model_quantize(
@@ -126,7 +173,7 @@ def test_llama_model_quantize_writes_our_bytes(
     for t in gguf.GGUFReader(str(out)).tensors:
         name = t.tensor_type.name.lower()
         seen.add(name)
-        ours = CODECS[name].quantize(data[t.name], None)
+        ours = CODECS[name].quantize(data[t.name], qw.get(t.name) if with_imatrix else None)
         theirs = np.asarray(t.data).view(np.uint8).reshape(ours.shape)
         np.testing.assert_array_equal(ours, theirs, err_msg=f"{t.name} as {name}")
     assert expected <= seen

@@ -2,8 +2,10 @@
 
 The golden digests (golden_codecs.json) were computed before the codecs moved into quantizers/
 (issue 19), with the code that wrote the released artifacts; they pin every codec's bytes on one
-seeded input. Family-specific oracles: GGUF against libggml (test_oracle.py), MatMulNBits below
-against onnxruntime's own kernel, MLC against mlc-llm's arithmetic (test_group.py).
+seeded input. Codecs added since take libggml's bytes (iq4_nl, iq4_xs: `ggml_quantize_chunk`),
+and test_oracle.py checks every GGUF digest against libggml. Family-specific oracles: GGUF
+against libggml (test_oracle.py), MatMulNBits below against onnxruntime's own kernel, MLC against
+mlc-llm's arithmetic (test_group.py).
 """
 
 from __future__ import annotations
