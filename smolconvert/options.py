@@ -31,7 +31,9 @@ class GgufOptions:
     )
     bpw: float | None = field(
         default=None,
-        metadata=_help("gguf:auto only: the budget in bits per weight over the whole file"),
+        metadata=_help(
+            "gguf:auto only: bits per weight of the tensor data (as llama.cpp counts BPW)"
+        ),
     )
 
 

@@ -206,7 +206,9 @@ def test_q_and_kv_in_different_codecs(
     recipe = Recipe("int4", "int4_b32_none", rules)
     chosen = dataclasses.replace(ONNX_SCHEMES["int4"], recipe=recipe, accuracy_level=0)
     monkeypatch.setitem(onnx_exporter.SCHEMES, "int4", chosen)
-    art = _export(tiny_folder, "int4", tmp_path / "art")
+    # a float cache: an int8 one can round a value on the other side of .5 in onnxruntime than in
+    # torch (summation order), which moves later logits by ~1e-3 (test_int8_kv_cache covers it)
+    art = _export(tiny_folder, "int4", tmp_path / "art", kv_cache="float")
     proto = onnx.load(str(art.path("model")), load_external_data=False)
     bits = {
         n.name.rsplit("/", 1)[1]: next(a.i for a in n.attribute if a.name == "bits")
