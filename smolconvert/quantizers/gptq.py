@@ -44,6 +44,12 @@ class GptqResult:
     scales: NDArray[np.float32]  # (N, n_blocks), refit; the zero points are the grid's
 
 
+# Rows swept at once. GPTQ treats the rows of W independently (one Hessian for all), so sweeping
+# them in chunks gives the same levels while bounding the sweep's (rows, K) float32 temporaries:
+# SmolLM2-1.7B's tied 49152 x 2048 head took ~3 GB at once.
+ROWS = 4096
+
+
 def gptq(
     w: NDArray[np.float32],
     hessian: torch.Tensor,
@@ -53,6 +59,7 @@ def gptq(
     zeros: NDArray[np.float32],
     damp: float = DAMP,
     lazy: int = 128,
+    rows: int = ROWS,
 ) -> GptqResult:
     """Quantize w (N, K) against H (K, K) on the grid `scales`, `zeros` (N, n_blocks): the
     codec's round-to-nearest grid of w, w = scale * (level - zero) with levels in [0, 2**bits).
@@ -60,44 +67,75 @@ def gptq(
     n, k = w.shape
     nb = scales.shape[1]
     kp = nb * block_size
-    W = torch.zeros((n, kp), dtype=torch.float32)
-    W[:, :k] = torch.from_numpy(np.asarray(w, np.float32))
-    H = torch.zeros((kp, kp), dtype=torch.float64)
-    H[:k, :k] = hessian.double()
-    levels = _sweep(W, H.clone(), scales, zeros, bits, block_size, damp, lazy)
-    scales = refit_scales(W, H, levels, scales, zeros, block_size)
-    return GptqResult(levels, scales)
+    Hf = _padded(hessian, kp, torch.float32)  # the refit's, undamped
+    order, U = _factor(_padded(hessian, kp, torch.float64), damp)  # _factor owns its copy
+    levels = np.empty((n, kp), dtype=np.uint8)
+    refit = np.empty_like(scales, dtype=np.float32)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        W = torch.zeros((r1 - r0, kp), dtype=torch.float32)
+        W[:, :k] = torch.from_numpy(np.asarray(w[r0:r1], np.float32))
+        levels[r0:r1] = _sweep(W, U, order, scales[r0:r1], zeros[r0:r1], bits, block_size, lazy)
+        refit[r0:r1] = refit_scales(W, Hf, levels[r0:r1], scales[r0:r1], zeros[r0:r1], block_size)
+    return GptqResult(levels, refit)
+
+
+def _padded(h: torch.Tensor, kp: int, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of h (K, K) in `dtype`, zero-padded to (kp, kp)."""
+    out = torch.zeros((kp, kp), dtype=dtype)
+    out[: len(h), : len(h)] = h
+    return out
+
+
+def _factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column order (descending diag(H): "act order") and U, the upper Cholesky factor of
+    the damped, reordered H^-1 (U^T U = H^-1), in float32. Damps H in place.
+
+    One factorization: with J the order reversal, J H J = L L^T gives H = R R^T for the upper
+    triangular R = J L J, so H^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J (where factor, invert and
+    factor again took three; torch's cholesky_inverse alone took 25 s at 2048 x 2048 on 2 cores).
+    The reversal is folded into the reordering, so H is copied once."""
+    kp = len(H)
+    diag = torch.diagonal(H)
+    dead = diag == 0  # inputs never seen (or padding): their weights do not matter
+    H[dead, dead] = 1.0
+    diag.add_(damp * diag.mean())
+    order = torch.argsort(diag, descending=True, stable=True)
+    rev = order.flip(0)
+    A = H[rev][:, rev]
+    del H, diag, dead  # the only reference (down_proj's is 0.5 GB at SmolLM2-1.7B)
+    try:
+        L = torch.linalg.cholesky(A)
+    except torch.linalg.LinAlgError:  # numerically singular: more damping, as GPTQ's authors do
+        torch.diagonal(A).add_(0.1 * torch.diagonal(A).mean())
+        L = torch.linalg.cholesky(A)
+    del A
+    # the inverse in float32, as GPTQ uses U: the factorization needs float64, this does not
+    # (relative error ~1e-6 at 8192 x 8192, in half the time)
+    eye = torch.eye(kp, dtype=torch.float32)
+    Linv = torch.linalg.solve_triangular(L.float(), eye, upper=False)
+    del L, eye
+    return order, Linv.flip((0, 1))
 
 
 def _sweep(
     W: torch.Tensor,
-    H: torch.Tensor,
+    U: torch.Tensor,
+    order: torch.Tensor,
     scales: NDArray[np.float32],
     zeros: NDArray[np.float32],
     bits: int,
     block_size: int,
-    damp: float,
     lazy: int,
 ) -> NDArray[np.uint8]:
-    """GPTQ's levels for W (N, Kp) on the fixed grid, columns in descending order of diag(H)."""
+    """GPTQ's levels for W (N, Kp) on the fixed grid, columns in `order`, U from `_factor`."""
     n, kp = W.shape
-    dead = torch.diagonal(H) == 0  # inputs never seen (or padding): their weights do not matter
-    H[dead, dead] = 1.0
-    H += damp * torch.diagonal(H).mean() * torch.eye(kp, dtype=torch.float64)
-    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    H = H[order][:, order]
-    try:
-        U = _inverse_cholesky(H)
-    except torch.linalg.LinAlgError:  # numerically singular: more damping, as GPTQ's authors do
-        H += 0.1 * torch.diagonal(H).mean() * torch.eye(kp, dtype=torch.float64)
-        U = _inverse_cholesky(H)
-    U = U.float()
     # columns as rows (kp, n): each step reads and updates contiguous memory
-    WT = W[:, order].T.contiguous()
-    S = torch.from_numpy(np.repeat(scales, block_size, axis=1))[:, order].T.contiguous()
-    Z = torch.from_numpy(np.repeat(zeros, block_size, axis=1))[:, order].T.contiguous()
+    WT = W.T[order].contiguous()
+    S = torch.from_numpy(np.repeat(scales, block_size, axis=1)).T[order].contiguous()
+    Z = torch.from_numpy(np.repeat(zeros, block_size, axis=1)).T[order].contiguous()
     live = S != 0
-    S = torch.where(live, S, 1.0)
+    S[~live] = 1.0
     nmax = (1 << bits) - 1
     levels = torch.zeros((kp, n), dtype=torch.uint8)
     for i1 in range(0, kp, lazy):
@@ -116,19 +154,6 @@ def _sweep(
     return levels.T[:, torch.argsort(order)].numpy()
 
 
-def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor U of H^-1 (U^T U = H^-1), from one factorization: with J the
-    order reversal, J H J = L L^T gives H = R R^T for the upper triangular R = J L J, so
-    H^-1 = R^-T R^-1 and U = R^-1: one factorization where factor, invert and factor again took
-    three (and torch's cholesky_inverse alone took 25 s at 2048 x 2048 on 2 cores)."""
-    flip = torch.arange(len(H) - 1, -1, -1)
-    R = torch.linalg.cholesky(H[flip][:, flip])[flip][:, flip]
-    # the inverse in float32, as GPTQ uses U: the factorization needs float64, this does not
-    # (relative error ~1e-6 at 8192 x 8192, in half the time)
-    eye = torch.eye(len(H), dtype=torch.float32)
-    return torch.linalg.solve_triangular(R.float(), eye, upper=True)
-
-
 def refit_scales(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -137,13 +162,16 @@ def refit_scales(
     zeros: NDArray[np.float32],
     block_size: int,
     ridge: float = 1e-4,
-    rows: int = 8192,
+    elements: int = 1 << 24,
 ) -> NDArray[np.float32]:
     """Each row's block scales s minimizing (w - M s)^T H (w - M s), where column b of M holds the
     row's (level - zero) in block b: s = (M^T H M)^-1 M^T H w, with a small ridge toward the
-    current scales (a block of all-zero levels keeps its scale). W (N, Kp), H (Kp, Kp)."""
+    current scales (a block of all-zero levels keeps its scale). W (N, Kp), H (Kp, Kp).
+    Rows are solved in chunks of about `elements` Gram entries (nb x nb per row: 8192-wide
+    down_proj rows have 256 blocks, and all 2048 rows' systems at once took ~4 GB)."""
     n, kp = W.shape
     nb = kp // block_size
+    rows = max(1, elements // (nb * nb))
     Hf = H.float()
     out = np.array(scales, copy=True)
     for r0 in range(0, n, rows):
@@ -160,7 +188,9 @@ def refit_scales(
         rhs = ((W[r0:r1] @ Hf) * D).reshape(r1 - r0, nb, block_size).sum(-1)
         s0 = torch.from_numpy(scales[r0:r1])
         lam = ridge * torch.diagonal(G, dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-        A = G.double() + lam.double()[:, None, None] * torch.eye(nb, dtype=torch.float64)
+        A = G.double()
+        del G
+        torch.diagonal(A, dim1=1, dim2=2).add_(lam.double()[:, None])
         s = torch.linalg.solve(A, (rhs + lam[:, None] * s0).double()[..., None])[..., 0]
         out[r0:r1] = torch.where(s0 == 0, 0.0, s).float().numpy()
     return out
@@ -271,7 +301,6 @@ def sequential_gptq(
     with torch.device("meta"):
         dec = ReferenceDecoder(spec)
     dec.inv_freq = dec._inv_freq()
-    _load(dec.model.embed_tokens, "model.embed_tokens", model.weights)
     _load(dec.model.norm, "model.norm", model.weights)
     tokens = n * ctx
 
@@ -295,7 +324,10 @@ def sequential_gptq(
             param.data.copy_(t.reshape(param.shape))
 
     windows = torch.tensor(ids[: n * ctx]).reshape(n, ctx)
+    # the fp32 embedding only while it is read (1 GB at SmolLM3-3B), again for a tied head
+    _load(dec.model.embed_tokens, "model.embed_tokens", model.weights)
     hs = [dec.model.embed_tokens(windows[i : i + batch]) for i in range(0, n, batch)]
+    dec.model.embed_tokens.to_empty(device="meta")
     cos, sin, mask = dec.rope_and_mask(  # one window's; broadcast over the batch
         torch.ones((1, ctx), dtype=torch.long), torch.arange(ctx)[None], torch.float32
     )
@@ -327,7 +359,9 @@ def sequential_gptq(
             layer.to_empty(device="meta")  # its quantized weights are the caller's now
             bar.update(1)
         head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        if not spec.tie_word_embeddings:
+        if spec.tie_word_embeddings:
+            _load(dec.model.embed_tokens, "model.embed_tokens", model.weights)
+        else:
             _load(dec.lm_head, "lm_head", model.weights)
         quantize([head], [dec.model.norm(h) for h in hs])
         bar.update(1)
