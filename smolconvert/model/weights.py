@@ -1,6 +1,7 @@
 """Lazy tensor sources under canonical (Hugging Face) names, read one tensor at a time.
 
-Three sources: safetensors folders (single file or sharded with an index; memory-mapped), GGUF files
+Three sources: safetensors folders (single file or sharded with an index; each tensor read into
+its own buffer, see SafetensorsSource.get), GGUF files
 (dequantized with the gguf library, llama.cpp's Q/K row permutation undone) and, only when the user
 opts in, PyTorch pickle checkpoints. Every source is checked against the ModelSpec before any
 conversion starts: names, shapes (from headers, no data read) and dtypes, all problems in one error,
@@ -10,9 +11,11 @@ Non-finite values need a pass over the data, so exporters ask for that check sep
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -204,6 +207,41 @@ def fingerprint(source: WeightSource) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype names -> torch dtypes (on first use: opening a file needs no torch)."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+def _safetensors_extents(shard: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's absolute byte offset and length in a safetensors file, from its header
+    (8-byte little-endian length, then JSON; data_offsets count from the header's end). Only
+    called after safe_open has accepted the file, which checks the same offsets."""
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    start = 8 + n
+    extents = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            begin, end = entry["data_offsets"]
+            extents[name] = (start + begin, end - begin)
+    return extents
+
+
 @dataclass
 class SafetensorsSource:
     """A Hugging Face folder with model.safetensors or model.safetensors.index.json (+ shards)."""
@@ -212,6 +250,7 @@ class SafetensorsSource:
     description: str = ""
     _where: dict[str, Path] = field(default_factory=dict)
     _handles: dict[Path, object] = field(default_factory=dict)
+    _extents: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> file offset, bytes
 
     def __post_init__(self) -> None:
         from safetensors import safe_open
@@ -252,16 +291,44 @@ class SafetensorsSource:
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CorruptFileError(f"{shard}: not a readable safetensors file ({e})") from None
             self._handles[shard] = handle
+            extents = _safetensors_extents(shard)
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 if name in self._where:
                     raise CorruptFileError(f"{self.folder}: tensor {name} appears in two shards")
                 self._where[name] = shard
+                if name in extents:
+                    self._extents[name] = extents[name]
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)  # type: ignore[attr-defined]
+        """The tensor in its stored dtype, read with pread into a buffer of its own.
+
+        safetensors' get_tensor copies out of a memory map whose pages stay resident, and counted
+        in the process's RSS, until the kernel needs them back: a streaming export of a 1.7B
+        model then holds the whole 3.4 GB file in its RSS (docs/scaling.md). Reading each tensor
+        into its own buffer leaves the file in the page cache, which is not the process's."""
+        import torch
+
+        dtype = _torch_dtypes().get(self.storage_type(name))
+        extent = self._extents.get(name)
+        if dtype is None or extent is None:  # a dtype torch.frombuffer cannot take: safetensors'
+            return self._handles[self._where[name]].get_tensor(name)  # type: ignore[attr-defined]
+        offset, nbytes = extent
+        shape = self.shape(name)
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(out.numpy().data)
+        got = 0
+        with open(self._where[name], "rb", buffering=0) as f:
+            while got < nbytes:  # one read returns at most ~2 GB on Linux
+                n = os.preadv(f.fileno(), [view[got:]], offset + got)
+                if n == 0:
+                    raise CorruptFileError(
+                        f"{self._where[name]}: tensor {name} is cut short ({got} of {nbytes} bytes)"
+                    )
+                got += n
+        return out.view(dtype).reshape(shape)
 
     def storage_type(self, name: str) -> str:
         return str(self._handles[self._where[name]].get_slice(name).get_dtype())  # type: ignore[attr-defined]

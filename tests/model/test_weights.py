@@ -27,6 +27,46 @@ def test_safetensors_folder_loads_every_tensor_lazily(tmp_path: Path) -> None:
     assert len(model.sha256) == 64
 
 
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_safetensors_reads_every_dtype_into_buffers_of_its_own(tmp_path: Path) -> None:
+    """Every dtype and an empty tensor read back exactly; reading leaves no file pages in the
+    process's RSS (safetensors' get_tensor keeps its memory map resident: docs/scaling.md)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from smolconvert.model.weights import SafetensorsSource
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(2, 7, generator=gen).to(torch.float16),
+        "f32": torch.randn(4, generator=gen),
+        "f64": torch.randn(2, 2, generator=gen).double(),
+        "i64": torch.arange(9, dtype=torch.int64).reshape(3, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "flag": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+        "big": torch.randn(2048, 4096, generator=gen),  # 32 MB
+    }
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    source = SafetensorsSource(tmp_path)
+    before = _rss_file_kb()
+    for name, value in tensors.items():
+        got = source.get(name)
+        assert got.dtype == value.dtype and got.shape == value.shape, name
+        assert torch.equal(got, value), name
+    grown_mb = (_rss_file_kb() - before) / 1024
+    assert grown_mb < 8, f"reading 32 MB left {grown_mb:.0f} MB of the file in RSS"
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        assert torch.equal(source.get("big"), handle.get_tensor("big"))
+
+
 def test_sharded_safetensors_with_index(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
