@@ -230,15 +230,18 @@ def _safetensors_extents(shard: Path) -> dict[str, tuple[int, int]]:
     """Each tensor's absolute byte offset and length in a safetensors file, from its header
     (8-byte little-endian length, then JSON; data_offsets count from the header's end). Only
     called after safe_open has accepted the file, which checks the same offsets."""
-    with open(shard, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    start = 8 + n
-    extents = {}
-    for name, entry in header.items():
-        if name != "__metadata__":
-            begin, end = entry["data_offsets"]
-            extents[name] = (start + begin, end - begin)
+    try:
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        start = 8 + n
+        extents = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                extents[name] = (start + int(begin), int(end) - int(begin))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptFileError(f"{shard}: unreadable safetensors header ({e})") from None
     return extents
 
 
