@@ -299,8 +299,7 @@ class SafetensorsSource:
                 if name in self._where:
                     raise CorruptFileError(f"{self.folder}: tensor {name} appears in two shards")
                 self._where[name] = shard
-                if name in extents:
-                    self._extents[name] = extents[name]
+                self._extents[name] = extents[name]
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -315,10 +314,9 @@ class SafetensorsSource:
         import torch
 
         dtype = _torch_dtypes().get(self.storage_type(name))
-        extent = self._extents.get(name)
-        if dtype is None or extent is None:  # a dtype torch.frombuffer cannot take: safetensors'
+        if dtype is None:  # a dtype outside the table (fp8, ...): safetensors' own reader
             return self._handles[self._where[name]].get_tensor(name)  # type: ignore[attr-defined]
-        offset, nbytes = extent
+        offset, nbytes = self._extents[name]
         shape = self.shape(name)
         out = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(out.numpy().data)
