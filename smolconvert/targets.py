@@ -263,6 +263,7 @@ FAMILIES: dict[str, Family] = {
             "smolconvert.exporters.onnx_plain",
             "smolconvert.exporters.onnx_weights",
             "smolconvert.quantizers.gptq",
+            "smolconvert.model.samples",
             "smolconvert.quantizers.onnx_recipes",
         ),
         ("onnx", "onnxruntime", "numpy", "torch"),

@@ -68,3 +68,10 @@ def require_module(name: str, extra: str) -> None:
 
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """smolconvert's on-disk cache (model/samples.py) in a folder of this session's, also for the
+    export processes tests start: tests neither read nor leave anything in the user's cache."""
+    os.environ["SMOLCONVERT_CACHE"] = str(tmp_path_factory.mktemp("cache"))

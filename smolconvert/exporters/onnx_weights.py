@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from smolconvert.errors import ConfigError
 from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import canonical_names, expected_shape
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 
 Plan = dict[str, str | None]  # canonical name -> codec name; None: stored float
 
+# GPTQ's calibration: 16 windows, each half pydoc text, half tokens the model samples itself
+# (docs/onnx.md, "int4 outside its calibration domain").
+GPTQ_WINDOWS = 16
+
 
 def quantize_weights(
     model: CanonicalModel,
@@ -48,11 +53,7 @@ def quantize_weights(
     quantized: dict[str, QuantizedWeight] = {}
     calibration = None
     if scheme.gptq:
-        step(
-            f"GPTQ over {model.spec.n_layers} layers on calibration text "
-            f"(k and v Hessians {kv_hessians})"
-        )
-        quantized, calibration = _gptq(model, plan, kv_hessians == "pooled")
+        quantized, calibration = _gptq(model, plan, kv_hessians, step)
     rest = [(n, c) for n, c in plan.items() if c is not None and n not in quantized]
     if rest:
         step(f"quantizing {len(rest)} tensors round-to-nearest")
@@ -62,16 +63,31 @@ def quantize_weights(
 
 
 def _gptq(
-    model: CanonicalModel, plan: Plan, pooled: bool
+    model: CanonicalModel, plan: Plan, kv_hessians: str, step: Callable[[str], None]
 ) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
-    """Every quantized projection and the head by sequential GPTQ on the built-in calibration
-    text (the half of pydoc's topics that the default evaluation never reads)."""
+    """Every quantized projection and the head by sequential GPTQ on the built-in calibration:
+    each window half the part of pydoc's topics that the default evaluation never reads, half
+    tokens the model samples itself (model/samples.py), so the levels fit more than one domain."""
     import torch
 
+    from smolconvert.exporters.onnx_kv import CALIBRATION_CTX, calibration_windows
+    from smolconvert.model.samples import self_samples
     from smolconvert.quantizers.gptq import DAMP, sequential_gptq
     from smolconvert.texts import default_calibration_text
 
     text = default_calibration_text()
+    half = min(CALIBRATION_CTX, model.spec.max_position_embeddings) // 2
+    prose = [t for w in calibration_windows(model.tokenizer, text.text, model.spec) for t in w]
+    if len(prose) < GPTQ_WINDOWS * half:
+        raise ConfigError(f"calibration text has {len(prose)} tokens, fewer than GPTQ needs")
+    samples = self_samples(model, GPTQ_WINDOWS, half, announce=step)
+    # each window: consecutive pydoc tokens, then one sample from the start token
+    windows = [prose[i * half : (i + 1) * half] + s for i, s in enumerate(samples.windows)]
+    step(
+        f"GPTQ over {model.spec.n_layers} layers on {len(windows)} windows of {2 * half} tokens, "
+        f"half pydoc text, half sampled (k and v Hessians {kv_hessians})"
+    )
+    pooled = kv_hessians == "pooled"
     done: dict[str, QuantizedWeight] = {}
 
     def quantize_group(
@@ -93,7 +109,7 @@ def _gptq(
             out.update({p: torch.from_numpy(d) for p, d in zip(run, deq, strict=True)})
         return out
 
-    tokens = sequential_gptq(model, text.text, quantize_group, pooled=pooled)
+    tokens = sequential_gptq(model, windows, quantize_group, pooled=pooled)
     meta = {
         "method": "gptq",
         "order": "act (descending Hessian diagonal), static block grids",
@@ -103,6 +119,8 @@ def _gptq(
         "damp": DAMP,
         "text_name": text.name,
         "text_sha256": text.sha256,
+        "windows": f"{len(windows)} x {2 * half} tokens: {half} of the text, then {half} sampled",
+        "sampled": samples.describe(),
         "tokens": tokens,
     }
     return done, meta

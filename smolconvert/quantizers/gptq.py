@@ -33,9 +33,11 @@ import torch
 from numpy.typing import NDArray
 
 from smolconvert import progress
-from smolconvert.errors import ConfigError
 
-DAMP = 0.01  # of H's mean diagonal, added to its diagonal (the GPTQ paper's default)
+# Of H's mean diagonal, added to its diagonal. The GPTQ paper's 0.01 fits the calibration text
+# closest; 0.1 keeps the levels nearer round-to-nearest where the Hessian is thin, which held up
+# better on text unlike the calibration (docs/onnx.md, "int4 outside its calibration domain").
+DAMP = 0.1
 
 
 @dataclass(frozen=True)
@@ -277,14 +279,12 @@ def attention_hessians(
 @torch.inference_mode()
 def sequential_gptq(
     model: Any,
-    text: str,
+    windows: Sequence[Sequence[int]],
     quantize_group: QuantizeGroup,
-    ctx: int = 512,
-    chunks: int = 16,
     batch: int = 4,
     pooled: bool = False,
 ) -> int:
-    """Run `chunks` windows of `ctx` tokens of `text` through the reference decoder one layer at a
+    """Run `windows` (token ids, all of one length) through the reference decoder one layer at a
     time: each projection's Hessian comes from the outputs of the layers already quantized, then
     the tied embedding's (or lm_head's) from the final norm. Returns the calibration token count.
 
@@ -294,10 +294,9 @@ def sequential_gptq(
     from smolconvert.model.reference import ReferenceDecoder
 
     spec = model.spec
-    ids = model.tokenizer.encode(text[: ctx * chunks * 8])
-    n = min(chunks, len(ids) // ctx)
-    if n == 0:
-        raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than one window of {ctx}")
+    n, ctx = len(windows), len(windows[0]) if windows else 0
+    if n == 0 or ctx == 0 or any(len(w) != ctx for w in windows):
+        raise ValueError("GPTQ needs one or more calibration windows of one length")
     with torch.device("meta"):
         dec = ReferenceDecoder(spec)
     dec.inv_freq = dec._inv_freq()
@@ -323,10 +322,10 @@ def sequential_gptq(
             param = dec.get_parameter(name)
             param.data.copy_(t.reshape(param.shape))
 
-    windows = torch.tensor(ids[: n * ctx]).reshape(n, ctx)
+    ids = torch.tensor([list(w) for w in windows])
     # the fp32 embedding only while it is read (1 GB at SmolLM3-3B), again for a tied head
     _load(dec.model.embed_tokens, "model.embed_tokens", model.weights)
-    hs = [dec.model.embed_tokens(windows[i : i + batch]) for i in range(0, n, batch)]
+    hs = [dec.model.embed_tokens(ids[i : i + batch]) for i in range(0, n, batch)]
     dec.model.embed_tokens.to_empty(device="meta")
     cos, sin, mask = dec.rope_and_mask(  # one window's; broadcast over the batch
         torch.ones((1, ctx), dtype=torch.long), torch.arange(ctx)[None], torch.float32

@@ -58,11 +58,12 @@ SCHEMES: dict[str, OnnxScheme] = {
             # act order, scales refit, k and v on attention-weighted Hessians
             gptq=True,
             kv_cache="int8",
-            # Symmetric blocks of 32 everywhere: MatMulNBits' fastest kernels (no zero points),
-            # and with one codec q/k/v share one MatMulNBits, as in the onnxruntime-genai
-            # builder's graph (every extra MatMulNBits, and the Concat GroupQueryAttention then
-            # needs, costs decode time).
-            recipe=Recipe("int4", "int4_b32_none"),
+            # Symmetric blocks of 32: MatMulNBits' fastest kernels (no zero points), and with
+            # one codec q/k/v share one MatMulNBits, as in the onnxruntime-genai builder's graph
+            # (every extra MatMulNBits, and the Concat GroupQueryAttention then needs, costs
+            # decode time). down_proj in 8 bits: of all projections it loses the most on text
+            # unlike the calibration (docs/onnx.md), for 13 MB more on the default model.
+            recipe=Recipe("int4", "int4_b32_none", (Rule("ffn_down", "int8_b32_none"),)),
         ),
     )
 }

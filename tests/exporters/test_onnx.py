@@ -347,14 +347,19 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
             assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
             assert genai["search"]["past_present_share_buffer"] is False
             projections = 7
-        if scheme == "int4":  # symmetric 4-bit blocks: every projection and the tied head
+        if scheme == "int4":  # symmetric blocks: 4 bits but down_proj's 8, the tied head too
             kernels = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
             assert len(kernels) == projections * n_layers + 1
             for n in kernels:
-                assert next(a.i for a in n.attribute if a.name == "bits") == 4, n.name
+                bits = next(a.i for a in n.attribute if a.name == "bits")
+                assert bits == (8 if "down_proj" in n.name else 4), n.name
                 assert len(n.input) == 3, n.name  # no zero points
-            assert art.meta["calibration"]["method"] == "gptq"
-            assert "attention" in art.meta["calibration"]["hessians"]
+            calibration = art.meta["calibration"]
+            assert calibration["method"] == "gptq" and "attention" in calibration["hessians"]
+            # each window half pydoc, half the model's own samples (model/samples.py)
+            sampled = calibration["sampled"]
+            assert sampled["windows"] == 16 and calibration["tokens"] == 16 * 2 * sampled["length"]
+            assert len(sampled["sha256"]) == 64 and sampled["seed"] == 0
         assert proto.graph.output[0].name == "logits"
         again = _export(folder, scheme, tmp_path / f"again-{scheme}", graph=graph)
         assert again.meta["files"] == art.meta["files"]  # byte-identical, sha256 per file
