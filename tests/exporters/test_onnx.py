@@ -360,6 +360,7 @@ def test_layouts_files_tied_embedding_once_and_determinism(tmp_path: Path, graph
             sampled = calibration["sampled"]
             assert sampled["windows"] == 16 and calibration["tokens"] == 16 * 2 * sampled["length"]
             assert len(sampled["sha256"]) == 64 and sampled["seed"] == 0
+            assert sampled["dtype"] == "bfloat16"
         assert proto.graph.output[0].name == "logits"
         again = _export(folder, scheme, tmp_path / f"again-{scheme}", graph=graph)
         assert again.meta["files"] == art.meta["files"]  # byte-identical, sha256 per file
