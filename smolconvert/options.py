@@ -59,7 +59,8 @@ class OnnxOptions:
         metadata=_help(
             "int4's GPTQ: per-head (k and v on one Hessian per KV head), pooled (one for all "
             "heads: far less time with many KV heads), auto (per-head up to 8 KV heads, else "
-            "pooled), off (round-to-nearest, fastest, lowest quality; docs/scaling.md)"
+            "pooled), off (round-to-nearest and no calibration sampling: fastest, lowest "
+            "quality; docs/scaling.md)"
         ),
     )
 
@@ -71,6 +72,21 @@ class CoremlOptions:
         metadata=_help(
             "stateful: KV cache as Core ML state (iOS 18 / macOS 15); stateless: iOS 17"
         ),
+    )
+
+
+@dataclass(frozen=True)
+class ExecutorchOptions:
+    max_context_len: float | None = field(
+        default=None,
+        metadata=_help(
+            "KV cache length in tokens, prompt and reply together [default: 2048, capped by "
+            "the model's max_position_embeddings]"
+        ),
+    )
+    gptq: Literal["auto", "per-head", "pooled", "off"] = field(
+        default="auto",
+        metadata=_help("8da4w's GPTQ, as onnx's gptq option (off: round-to-nearest)"),
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from smolconvert.errors import ConfigError, UnsupportedError
 from smolconvert.options import (
     CoremlOptions,
+    ExecutorchOptions,
     GgufOptions,
     MlcOptions,
     OnnxOptions,
@@ -230,6 +231,35 @@ def _mlc_runner() -> OpenRunner:
     return open_mlc_runner
 
 
+def _executorch_export() -> ExportFn:
+    from smolconvert.exporters.executorch import export_executorch
+
+    return export_executorch
+
+
+def _executorch_describe() -> list[dict[str, Any]]:
+    from smolconvert.exporters.executorch import describe_schemes
+
+    return describe_schemes()
+
+
+def _executorch_check() -> CheckOptions:
+    def check(scheme: str, options: ExecutorchOptions) -> None:
+        n = options.max_context_len
+        if n is not None and (n != int(n) or n < 16):
+            raise ConfigError(
+                f"executorch option max_context_len={n:g} must be a whole number >= 16"
+            )
+
+    return check
+
+
+def _executorch_runner() -> OpenRunner:
+    from smolconvert.validators.executorch import open_executorch_runner
+
+    return open_executorch_runner
+
+
 FAMILIES: dict[str, Family] = {
     "gguf": Family(
         "gguf",
@@ -294,6 +324,27 @@ FAMILIES: dict[str, Family] = {
         (*COMMON_CODE, "smolconvert.exporters.mlc", "smolconvert.model.mlc_layout"),
         ("apache-tvm", "numpy", "torch"),
         "mlc",
+    ),
+    "executorch": Family(
+        "executorch",
+        ExecutorchOptions,
+        _executorch_export,
+        _executorch_describe,
+        _executorch_runner,
+        (
+            *COMMON_CODE,
+            "smolconvert.exporters.executorch",
+            "smolconvert.quantizers.executorch_recipes",
+            # 8da4w's levels: GPTQ on the ONNX int4 calibration
+            "smolconvert.exporters.onnx_kv",
+            "smolconvert.exporters.onnx_weights",
+            "smolconvert.model.samples",
+            "smolconvert.quantizers.gptq",
+            "smolconvert.quantizers.onnx_recipes",
+        ),
+        ("executorch", "torchao", "torch"),
+        "executorch",
+        _executorch_check,
     ),
 }
 

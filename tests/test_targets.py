@@ -30,7 +30,13 @@ INFRA = {
     "smolconvert.version",
 }
 # One quantized scheme per family, fast on a tiny model, so the quantizers load too.
-SCHEMES = {"gguf": "q4_k_m", "onnx": "int8", "coreml": "int4", "mlc": "q4f16_1"}
+SCHEMES = {
+    "gguf": "q4_k_m",
+    "onnx": "int8",
+    "coreml": "int4",
+    "mlc": "q4f16_1",
+    "executorch": "8da4w",
+}
 
 _CHILD = """
 import json, sys
@@ -55,7 +61,7 @@ def test_options_parse_once_with_errors_that_list_the_choices() -> None:
 def test_targets_are_checked_against_the_registry() -> None:
     family, scheme = parse_target("gguf:q4_k_m")
     assert family is FAMILIES["gguf"] and scheme == "q4_k_m"
-    with pytest.raises(UnsupportedError, match="families: gguf, onnx, coreml, mlc"):
+    with pytest.raises(UnsupportedError, match="families: gguf, onnx, coreml, mlc, executorch"):
         parse_target("tflite:int8")
     with pytest.raises(UnsupportedError, match="choose one of .*q0f16"):
         parse_target("mlc:q9")

@@ -110,7 +110,7 @@ def export_onnx(
     step = progress.Steps(quiet)
     plan = codec_plan(chosen.recipe, spec)
     quantized, calibration = quantize_weights(
-        model, chosen, plan, step, kv_hessians=gptq_mode or "per-head"
+        model, plan, step, gptq=chosen.gptq, kv_hessians=gptq_mode or "per-head"
     )
 
     def fetch(name: str) -> np.ndarray:

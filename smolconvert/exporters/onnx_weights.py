@@ -26,7 +26,7 @@ from smolconvert.quantizers.nbits import (
     quantize,
     split_rows,
 )
-from smolconvert.quantizers.onnx_recipes import OnnxScheme, codec_runs
+from smolconvert.quantizers.onnx_recipes import codec_runs
 
 if TYPE_CHECKING:
     import torch
@@ -42,17 +42,19 @@ GPTQ_WINDOWS = 16
 
 def quantize_weights(
     model: CanonicalModel,
-    scheme: OnnxScheme,
     plan: Plan,
     step: Callable[[str], None],
+    *,
+    gptq: bool,
     kv_hessians: str = "per-head",
 ) -> tuple[dict[str, QuantizedWeight], dict[str, Any] | None]:
     """Every weight `plan` quantizes, by canonical name, and the calibration's description (None
     without GPTQ). The untied token embedding is never GPTQ'd: no layer's Hessian sees it.
-    `kv_hessians`: GPTQ's k and v Hessians, "per-head" or "pooled" (quantizers/gptq.py)."""
+    `kv_hessians`: GPTQ's k and v Hessians, "per-head" or "pooled" (quantizers/gptq.py). The
+    ExecuTorch exporter asks for its 4-bit linears here too: XNNPACK's blocks are these."""
     quantized: dict[str, QuantizedWeight] = {}
     calibration = None
-    if scheme.gptq:
+    if gptq:
         quantized, calibration = _gptq(model, plan, kv_hessians, step)
     rest = [(n, c) for n, c in plan.items() if c is not None and n not in quantized]
     if rest:

@@ -57,19 +57,37 @@ class Attention(nn.Module):
         past_k: torch.Tensor,  # (B, kv, P, D)
         past_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, kv, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        q, k, v = self.qkv(x, cos, sin)
         k = torch.cat([past_k, k], dim=2)  # (B, kv, S, D), S = P + T
         v = torch.cat([past_v, v], dim=2)
         if self.cache_scales is not None:
             ks, vs = (x[None, :, None, :] for x in self.cache_scales)
             k = torch.clamp(torch.round(k / ks), -128, 127) * ks
             v = torch.clamp(torch.round(v / vs), -128, 127) * vs
+        return self.attend(q, k, v, mask), k, v
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, nh, T, D), keys and values (B, kv, T, D) of x, RoPE applied."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,  # (B, nh, T, D)
+        k: torch.Tensor,  # (B, kv, S, D): every key a query may see, cached ones first
+        v: torch.Tensor,
+        mask: torch.Tensor,  # (B, 1, T, S) additive, fp32
+    ) -> torch.Tensor:
+        """The attention output projected back to (B, T, d)."""
+        b, _, t, _ = q.shape
         groups = self.n_heads // self.n_kv
         s = k.shape[2]
         k_all = (
@@ -85,7 +103,7 @@ class Attention(nn.Module):
         scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim**-0.5)  # (B, nh, T, S)
         probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
         out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, t, -1)  # (B, T, nh*D)
-        return self.o_proj(out), k, v
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -168,15 +186,21 @@ class ReferenceDecoder(nn.Module):
         """cos/sin (B, 1, T, D) in `dtype` and the causal + padding mask (B, 1, T, S), additive
         fp32, for queries at the last T of the mask's S positions."""
         t, s = position_ids.shape[1], attention_mask.shape[1]
-        freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         key_pos = torch.arange(s, device=position_ids.device)
         query_pos = torch.arange(t, device=position_ids.device) + (s - t)
         allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (
             attention_mask[:, None, None, :] > 0
         )  # (B, 1, T, S)
         mask = torch.where(allowed, 0.0, MASK_VALUE).to(torch.float32)
-        return emb.cos().to(dtype), emb.sin().to(dtype), mask
+        return *self.rope(position_ids, dtype), mask
+
+    def rope(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, 1, T, D) in `dtype` for positions (B, T)."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def empty_past(self, batch: int = 1) -> list[torch.Tensor]:
         dtype = self.model.embed_tokens.weight.dtype

@@ -34,10 +34,11 @@ Levels = NDArray[np.uint8]
 class BlockFormat:
     """The geometry of one MatMulNBits codec: what the packer and the op's attributes need."""
 
-    name: str  # int{bits}_b{block_size}_{zero_point}
+    name: str  # int{bits}_b{block_size}_{zero_point}, or _pos: none with scales >= 0
     bits: int  # 4 or 8
     block_size: int  # 32, 64, 128
     zero_point: str  # "none" (implicit 2**(bits-1)) or "uint8" (packed)
+    positive: bool = False  # scales >= 0 (ExecuTorch's XNNPACK blocks); zero_point "none"
 
     @property
     def bits_per_weight(self) -> float:
@@ -57,10 +58,13 @@ class QuantizedWeight:
 FORMATS: dict[str, BlockFormat] = {
     f.name: f
     for f in (
-        BlockFormat(f"int{bits}_b{bs}_{zp}", bits, bs, zp)
-        for bits in (4, 8)
-        for bs in (32, 64, 128)
-        for zp in ("none", "uint8")
+        *(
+            BlockFormat(f"int{bits}_b{bs}_{zp}", bits, bs, zp)
+            for bits in (4, 8)
+            for bs in (32, 64, 128)
+            for zp in ("none", "uint8")
+        ),
+        BlockFormat("int4_b32_pos", 4, 32, "none", positive=True),
     )
 }
 
@@ -96,11 +100,11 @@ def unpack(packed: Levels, bits: int, n: int) -> Levels:
     return out[..., :n]
 
 
-def _symmetric(x: Floats, bits: int) -> tuple[Floats, NDArray]:
+def _symmetric(x: Floats, bits: int, positive: bool = False) -> tuple[Floats, NDArray]:
     """llama.cpp's make_qx_quants sweep (weights x*x): levels [0, 2**bits), zero point 2**(b-1)."""
     nb_total = x.shape[0] * x.shape[1]
     flat = x.reshape(nb_total, -1).T  # (block_size, blocks): element-major, as scale_search wants
-    scale, levels = make_qx_quants(np.ascontiguousarray(flat), 1 << (bits - 1))
+    scale, levels = make_qx_quants(np.ascontiguousarray(flat), 1 << (bits - 1), positive=positive)
     return scale.reshape(x.shape[:2]), levels.T.reshape(x.shape)
 
 
@@ -146,7 +150,7 @@ def quantize(
     chunks = [x[i : i + step] for i in range(0, max(len(x), 1), step)]
     zero_points: Levels | None
     if fmt.zero_point == "none":
-        found = [_symmetric(c, fmt.bits) for c in chunks]
+        found = [_symmetric(c, fmt.bits, fmt.positive) for c in chunks]
         scales, levels = (np.concatenate(parts) for parts in zip(*found, strict=True))
         zeros = np.full(scales.shape, 1 << (fmt.bits - 1), np.float32)
         zero_points = None

@@ -76,27 +76,36 @@ def running_max(x: Floats) -> Floats:
 
 
 @_masked_lanes
-def make_qx_quants(x: Floats, nmax: int, qw: Floats | None = None) -> tuple[Floats, Ints]:
+def make_qx_quants(
+    x: Floats, nmax: int, qw: Floats | None = None, positive: bool = False
+) -> tuple[Floats, Ints]:
     """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`: symmetric scale, 19-step sweep around nmax.
 
     x, qw (n, groups) -> (scale (groups,), L (n, groups) in [0, 2*nmax)); weights x*x without qw.
+    llama.cpp maps the element of largest magnitude to -nmax, so a group whose largest element is
+    positive gets a negative scale. `positive`: scales >= 0 (XNNPACK refuses negative ones); such
+    a group's largest element maps to nmax - 1 instead, and its sweep runs around that.
     """
     amax, vmax = abs_max(x)
     w = x * x if qw is None else qw
     wx = w * x
+    # the sweep's centre and direction: -nmax / vmax as llama.cpp, or (nmax - 1) / vmax
+    flip = positive & (vmax > 0)
+    centre = np.where(flip, F32(nmax - 1), F32(-nmax))
+    direction = np.where(flip, F32(1), F32(-1))
 
     def candidate(iscale: Floats) -> tuple[Floats, Floats, Floats]:
         lv = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
         return lv, seqsum(wx * lv), seqsum(w * lv * lv)
 
-    lv, sumlx, suml2 = candidate(F32(-nmax) / vmax)
+    lv, sumlx, suml2 = candidate(centre / vmax)
     scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
     best = scale * sumlx
     levels = lv
     for step in range(-9, 10):
         if step == 0:
             continue
-        lv, slx, sl2 = candidate(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
+        lv, slx, sl2 = candidate((centre + direction * F32(0.1) * F32(step)) / vmax)
         better = (sl2 > 0) & (slx * slx > best * sl2)
         levels = np.where(better, lv, levels)
         scale = np.where(better, slx / sl2, scale)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from numpy.typing import NDArray
 
 from smolconvert.artifact import Artifact
 from smolconvert.errors import CorruptFileError, MissingDependencyError
-from smolconvert.validators.runner import GenerationTiming
+from smolconvert.validators.runner import GenerationTiming, time_greedy
 
 INSTALL_HINT = "pip install 'smolconvert[onnx]'"
 # The KV cache element types: float, or int8 where GroupQueryAttention keeps a quantized cache.
@@ -97,14 +96,7 @@ class OnnxRuntimeRunner:
             position += 1
 
     def time_generation(self, prompt_ids: Sequence[int], n_new: int) -> GenerationTiming:
-        steps = self.greedy_steps(prompt_ids)
-        start = time.perf_counter()
-        tokens = [next(steps)]
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens += [next(steps) for _ in range(n_new)]
-        decode = time.perf_counter() - start
-        return GenerationTiming(len(prompt_ids), n_new, ttft * 1e3, n_new / decode, tuple(tokens))
+        return time_greedy(self.greedy_steps(prompt_ids), len(prompt_ids), n_new)
 
 
 def _kv_dims(path: Path, shape: list[Any]) -> tuple[int, int]:

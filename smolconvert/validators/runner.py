@@ -9,7 +9,7 @@ memory belongs to the runner alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,18 @@ class GenerationTiming:
     ttft_ms: float  # prompt processed and first token chosen
     decode_tok_s: float  # greedy steps with the cache, after the first token
     tokens: tuple[int, ...]  # the greedy continuation (first token included)
+
+
+def time_greedy(steps: Iterator[int], prompt_tokens: int, n_new: int) -> GenerationTiming:
+    """Time a greedy generator whose first next() prefills the prompt and yields the first
+    token, and each later next() one decode step with the cache."""
+    start = time.perf_counter()
+    tokens = [next(steps)]
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens += [next(steps) for _ in range(n_new)]
+    decode = time.perf_counter() - start
+    return GenerationTiming(prompt_tokens, n_new, ttft * 1e3, n_new / decode, tuple(tokens))
 
 
 class Runner(Protocol):

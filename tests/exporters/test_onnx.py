@@ -62,8 +62,7 @@ def _weights(model: CanonicalModel, chosen: OnnxScheme) -> Weights:
     """What a build reads: every quantized form computed first (round-to-nearest), float weights
     fetched from the model as they are written."""
     plan = codec_plan(chosen.recipe, model.spec)
-    rtn = dataclasses.replace(chosen, gptq=False)
-    quantized, _ = quantize_weights(model, rtn, plan, lambda _: None)
+    quantized, _ = quantize_weights(model, plan, lambda _: None, gptq=False)
     return Weights(lambda name: model.weights.get(name).float().numpy(), plan, quantized)
 
 
@@ -617,7 +616,7 @@ def test_builders_pack_the_weights_quantized_before_building(tiny_folder: Path, 
     model = load_model(tiny_folder)
     chosen = ONNX_SCHEMES["int8"]
     plan = codec_plan(chosen.recipe, model.spec)
-    quantized, calibration = quantize_weights(model, chosen, plan, lambda _: None)
+    quantized, calibration = quantize_weights(model, plan, lambda _: None, gptq=chosen.gptq)
     assert calibration is None and set(quantized) == {n for n, c in plan.items() if c}
     fetched: list[str] = []
 
@@ -640,7 +639,7 @@ def test_missing_and_stray_weights_are_named(tiny_folder: Path) -> None:
     model = load_model(tiny_folder)
     chosen = ONNX_SCHEMES["int8"]
     plan = codec_plan(chosen.recipe, model.spec)
-    quantized, _ = quantize_weights(model, chosen, plan, lambda _: None)
+    quantized, _ = quantize_weights(model, plan, lambda _: None, gptq=chosen.gptq)
 
     def fetch(name: str) -> np.ndarray:
         return model.weights.get(name).float().numpy()

@@ -3,9 +3,11 @@
 The golden digests (golden_codecs.json) were computed before the codecs moved into quantizers/
 (issue 19), with the code that wrote the released artifacts; they pin every codec's bytes on one
 seeded input. Codecs added since take libggml's bytes (iq4_nl, iq4_xs: `ggml_quantize_chunk`),
-and test_oracle.py checks every GGUF digest against libggml. Family-specific oracles: GGUF
-against libggml (test_oracle.py), MatMulNBits below against onnxruntime's own kernel, MLC against
-mlc-llm's arithmetic (test_group.py).
+and test_oracle.py checks every GGUF digest against libggml. int4_b32_pos (ExecuTorch's XNNPACK
+blocks) took its digest from the code that first wrote it: onnxruntime's kernel checks its
+layout below and ExecuTorch's runtime its use (tests/exporters/test_executorch.py).
+Family-specific oracles: GGUF against libggml (test_oracle.py), MatMulNBits below against
+onnxruntime's own kernel, MLC against mlc-llm's arithmetic (test_group.py).
 """
 
 from __future__ import annotations

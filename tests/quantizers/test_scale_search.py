@@ -88,3 +88,20 @@ def test_searches_treat_every_group_on_its_own() -> None:
             alone = search(x[:, g : g + 1].copy(), w[:, g : g + 1].copy())
             for a, b in zip(together, alone, strict=True):
                 np.testing.assert_array_equal(a[..., g], b[..., 0], err_msg=name)
+
+
+def test_make_qx_quants_positive_keeps_scales_non_negative() -> None:
+    """`positive`: every scale >= 0, the fit as close as the signed sweep allows one level less on
+    the largest element; groups whose largest element is negative are searched as before."""
+    x = np.random.default_rng(3).standard_t(4, (32, 512)).astype(F32)
+    signed_scale, signed_levels = make_qx_quants(x, 8)
+    scale, levels = make_qx_quants(x, 8, positive=True)
+    assert (scale >= 0).all() and (signed_scale < 0).any()
+    negative_max = x[np.abs(x).argmax(0), np.arange(x.shape[1])] < 0
+    np.testing.assert_array_equal(scale[negative_max], signed_scale[negative_max])
+    np.testing.assert_array_equal(levels[:, negative_max], signed_levels[:, negative_max])
+
+    def rmse(s: np.ndarray, lv: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(((lv.astype(F32) - 8) * s - x) ** 2)))
+
+    assert rmse(scale, levels) < 1.1 * rmse(signed_scale, signed_levels)
