@@ -35,17 +35,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from peer_run import measure, print_table, timed  # benchmarks/, this script's folder
+
 import smolconvert
 from smolconvert.model.hf_folder import save_hf_folder
-from smolconvert.validators import quality as Q
 from smolconvert.validators.executorch import ExecutorchRunner
 
 GROUP = 32
@@ -144,12 +143,6 @@ def export_llm(checkpoint: Path, params: Path, out_dir: Path, name: str, extra: 
     return out_dir / f"{name}.pte"
 
 
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
 def runtime_has_embedding_kernel() -> bool:
     import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.pybindings.portable_lib import _get_operator_names
@@ -178,10 +171,6 @@ def main() -> None:
 
 def run(args: argparse.Namespace, work: Path) -> None:
     import torch
-
-    from smolconvert.model.reference import build_reference
-    from smolconvert.texts import default_eval_text
-    from smolconvert.validators.runner import TorchRunner
 
     torch.set_num_threads(args.threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -214,35 +203,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
         art, t_ours = timed(smolconvert.export, hf, to="executorch:8da4w", out=work / "ours")
         ours_dir = art.folder
     programs = {"ours": ours_dir / "model.pte", "peer": peer}
-
-    text = default_eval_text()
-    windows = Q.tokenize_windows(model.tokenizer, text, args.ctx, args.windows)
-    key = (model.sha256, text.sha256, str(args.ctx), str(len(windows)))
-    reference = TorchRunner(build_reference(spec, source=model.weights), "fp32", args.threads)
-    ref = Q.reference_scores(key, windows, reference.logits)
-    del reference
-    rows: dict[str, dict[str, float]] = {}
-    for who, pte in programs.items():
-        runner = ExecutorchRunner(pte)
-        q = Q.compare(ref, runner.logits)
-        rows[who] = {
-            "size_mb": pte.stat().st_size / 1e6,
-            "kld_mean": q.kld_mean,
-            "kld_p99": q.kld_p99,
-            "top1": q.top1,
-            "ppl_ratio": q.ppl_ratio,
-        }
-        del runner
-    prompt, n_new = [t for w in windows for t in w][:128], 128
-    speeds: dict[str, list[float]] = {who: [] for who in programs}
-    tokens: dict[str, tuple[int, ...]] = {}
-    for _ in range(args.repeats):  # interleaved, one program loaded at a time
-        for who, pte in programs.items():
-            timing = ExecutorchRunner(pte).time_generation(prompt, n_new)
-            speeds[who].append(timing.decode_tok_s)
-            tokens[who] = timing.tokens
-    for who in programs:
-        rows[who]["tok_s"] = statistics.median(speeds[who])
+    rows, tokens, text, prompt = measure(
+        model,
+        programs,
+        lambda _who, path: ExecutorchRunner(path),
+        ctx=args.ctx,
+        n_windows=args.windows,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
     rows["ours"]["export_s"], rows["peer"]["export_s"] = t_ours, t_peer
 
     import executorch.version
@@ -250,28 +219,17 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"\nsource: {model.name} ({model.origin}); executorch {executorch.version.__version__}")
     print(f"ours: {programs['ours']}\npeer: {programs['peer']}")
     print(
-        f"quality: {len(windows)} windows of {args.ctx} tokens of {text.name}, second halves "
-        f"scored against the fp32 reference; decode: {len(prompt)}-token prompt, {n_new} greedy "
+        f"quality: {args.windows} windows of {args.ctx} tokens of {text.name}, second halves "
+        f"scored against the fp32 reference; decode: {len(prompt)}-token prompt, 128 greedy "
         f"steps, median of {args.repeats}, both in executorch.runtime (XNNPACK), same process\n"
     )
-    print(
-        "| metric | ours (smolconvert executorch:8da4w) | peer (export_llm 8da4w g32, "
-        "fp32 embedding) | ours / peer |"
+    print_table(
+        rows,
+        tokens,
+        ".pte size (MB)",
+        "smolconvert executorch:8da4w",
+        "export_llm 8da4w g32, fp32 embedding",
     )
-    print("|---|---:|---:|---:|")
-    for label, k, fmt in (
-        (".pte size (MB)", "size_mb", "{:.1f}"),
-        ("mean KLD vs fp32", "kld_mean", "{:.5f}"),
-        ("KLD p99", "kld_p99", "{:.4f}"),
-        ("top-1 agreement", "top1", "{:.4f}"),
-        ("perplexity ratio vs fp32", "ppl_ratio", "{:.4f}"),
-        ("decode tok/s", "tok_s", "{:.1f}"),
-        ("export time (s)", "export_s", "{:.0f}"),
-    ):
-        a, b = rows["ours"][k], rows["peer"][k]
-        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.3f} |")
-    same = sum(x == y for x, y in zip(tokens["ours"], tokens["peer"], strict=True))
-    print(f"\ngreedy continuations agree on {same}/{len(tokens['ours'])} tokens")
     if args.ours is not None:
         print(f"ours reused from {args.ours}: its export time was not measured here (nan)")
     kernel = runtime_has_embedding_kernel()

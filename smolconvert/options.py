@@ -91,6 +91,26 @@ class ExecutorchOptions:
 
 
 @dataclass(frozen=True)
+class LitertOptions:
+    max_context_len: float | None = field(
+        default=None,
+        metadata=_help(
+            "KV cache length in tokens, prompt and reply together; every call passes the whole "
+            "cache in and out [default: 1280, litert-torch's; capped by the model's "
+            "max_position_embeddings]"
+        ),
+    )
+    smooth: Literal["on", "off"] = field(
+        default="on",
+        metadata=_help(
+            "int8/int4: move activation outliers into the weights before quantizing "
+            "(SmoothQuant, alpha 0.5, calibrated on the built-in text; off: litert-torch's "
+            "recipe as is)"
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class MlcOptions:
     mlc_scales: Literal["mlc", "search"] = field(
         default="mlc",

@@ -22,6 +22,7 @@ from smolconvert.options import (
     CoremlOptions,
     ExecutorchOptions,
     GgufOptions,
+    LitertOptions,
     MlcOptions,
     OnnxOptions,
     option_choices,
@@ -243,21 +244,42 @@ def _executorch_describe() -> list[dict[str, Any]]:
     return describe_schemes()
 
 
-def _executorch_check() -> CheckOptions:
-    def check(scheme: str, options: ExecutorchOptions) -> None:
-        n = options.max_context_len
-        if n is not None and (n != int(n) or n < 16):
-            raise ConfigError(
-                f"executorch option max_context_len={n:g} must be a whole number >= 16"
-            )
+def _context_check(family: str) -> Callable[[], CheckOptions]:
+    def make() -> CheckOptions:
+        def check(scheme: str, options: ExecutorchOptions | LitertOptions) -> None:
+            n = options.max_context_len
+            if n is not None and (n != int(n) or n < 16):
+                raise ConfigError(
+                    f"{family} option max_context_len={n:g} must be a whole number >= 16"
+                )
 
-    return check
+        return check
+
+    return make
 
 
 def _executorch_runner() -> OpenRunner:
     from smolconvert.validators.executorch import open_executorch_runner
 
     return open_executorch_runner
+
+
+def _litert_export() -> ExportFn:
+    from smolconvert.exporters.litert import export_litert
+
+    return export_litert
+
+
+def _litert_describe() -> list[dict[str, Any]]:
+    from smolconvert.exporters.litert import describe_schemes
+
+    return describe_schemes()
+
+
+def _litert_runner() -> OpenRunner:
+    from smolconvert.validators.litert import open_litert_runner
+
+    return open_litert_runner
 
 
 FAMILIES: dict[str, Family] = {
@@ -344,7 +366,24 @@ FAMILIES: dict[str, Family] = {
         ),
         ("executorch", "torchao", "torch"),
         "executorch",
-        _executorch_check,
+        _context_check("executorch"),
+    ),
+    "litert": Family(
+        "litert",
+        LitertOptions,
+        _litert_export,
+        _litert_describe,
+        _litert_runner,
+        (
+            *COMMON_CODE,
+            "smolconvert.exporters.litert",
+            "smolconvert.quantizers.litert_recipes",
+            "smolconvert.quantizers.smoothing",
+            "smolconvert.exporters.onnx_kv",  # the calibration windows
+        ),
+        ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch"),
+        "litert",
+        _context_check("litert"),
     ),
 }
 

@@ -48,6 +48,35 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def mean_kld(p_logits, q_logits) -> float:
+    """Mean KL(p || q) over rows of two logit arrays (T, vocab), in float64."""
+    p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.as_tensor(q_logits, dtype=torch.float64), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def tiny_exports(root: Path, family, options: dict):
+    """get(arch, scheme) -> (model, reference, artifact): a tiny model of `arch` exported to
+    `family:scheme` under `root`, once per (arch, scheme)."""
+    import smolconvert
+    from smolconvert.model.reference import build_reference
+
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(arch: str, scheme: str):
+        if (arch, scheme) not in cache:
+            folder = root / f"tiny-{arch}"
+            if not folder.exists():
+                tiny.write_folder(folder, tiny.config(arch))
+            model = smolconvert.load(str(folder))
+            ref = build_reference(model.spec, source=model.weights)
+            art = family.export(model, scheme, root / f"{arch}-{scheme}", options=options)
+            cache[arch, scheme] = (model, ref, art)
+        return cache[arch, scheme]
+
+    return get
+
+
 def require(ok: bool, reason: str) -> None:
     """Skip when a runtime or tool is missing (reason printed); in CI (CI=true) fail instead,
     because CI installs everything and a silent skip there would hide a broken install."""

@@ -36,6 +36,7 @@ SCHEMES = {
     "coreml": "int4",
     "mlc": "q4f16_1",
     "executorch": "8da4w",
+    "litert": "int8",
 }
 
 _CHILD = """
@@ -61,7 +62,9 @@ def test_options_parse_once_with_errors_that_list_the_choices() -> None:
 def test_targets_are_checked_against_the_registry() -> None:
     family, scheme = parse_target("gguf:q4_k_m")
     assert family is FAMILIES["gguf"] and scheme == "q4_k_m"
-    with pytest.raises(UnsupportedError, match="families: gguf, onnx, coreml, mlc, executorch"):
+    with pytest.raises(
+        UnsupportedError, match="families: gguf, onnx, coreml, mlc, executorch, litert"
+    ):
         parse_target("tflite:int8")
     with pytest.raises(UnsupportedError, match="choose one of .*q0f16"):
         parse_target("mlc:q9")

@@ -22,6 +22,7 @@ from smolconvert.errors import MissingDependencyError, UnsupportedError
 from smolconvert.model.imatrix import Imatrix
 from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
+from smolconvert.model.weights import linear_shapes
 from smolconvert.options import ExecutorchOptions, option_texts
 from smolconvert.quantizers.executorch_recipes import (
     SCHEMES,
@@ -177,7 +178,7 @@ def export_executorch(
     sch = SCHEMES[scheme]
     opts = options or ExecutorchOptions()
     spec = model.spec
-    check_shapes(sch, _linear_shapes(spec))
+    check_shapes(sch, linear_shapes(spec))
     torch = _import_runtime()
     from smolconvert.model.reference import build_reference
 
@@ -281,15 +282,6 @@ def _set_levels(module: Any, levels: dict[str, QuantizedWeight], tied: bool) -> 
         scales = np.where(qw.scales > 0, qw.scales, np.float32(2**-24))
         weight.scale = torch.from_numpy(scales).to(weight.scale.dtype)
         weight.zero_point = torch.zeros_like(weight.zero_point)
-
-
-def _linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    from smolconvert.model.weights import canonical_names, expected_shape
-
-    names = [n for n in canonical_names(spec) if n.endswith("proj.weight")]
-    shapes = {n.removesuffix(".weight"): expected_shape(spec, n) for n in names}
-    shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
-    return {n: (s[0], s[1]) for n, s in shapes.items()}
 
 
 def _canonical(module_types: dict[str, str]) -> dict[str, str]:

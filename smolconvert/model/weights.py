@@ -92,6 +92,15 @@ def expected_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
     return shapes.get(suffix, (d,))
 
 
+def linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """Every linear layer's module name (`model.layers.0.mlp.up_proj`, `lm_head`, tied or not)
+    -> its weight's (out, in)."""
+    names = [n for n in canonical_names(spec) if n.endswith("proj.weight")]
+    shapes = {n.removesuffix(".weight"): expected_shape(spec, n) for n in names}
+    shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
+    return {n: (s[0], s[1]) for n, s in shapes.items()}
+
+
 class WeightSource(Protocol):
     """Tensors under canonical names. `get` returns a CPU tensor in the stored float dtype."""
 

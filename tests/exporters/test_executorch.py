@@ -12,7 +12,7 @@ from smolconvert.errors import ConfigError, UnsupportedError
 from smolconvert.quantizers.executorch_recipes import SCHEMES, WeightConfig, embedding_codes
 from smolconvert.targets import FAMILIES
 from tests import tiny
-from tests.conftest import read_json, require_module
+from tests.conftest import mean_kld, read_json, require_module, tiny_exports
 
 FAMILY = FAMILIES["executorch"]
 # mean KLD against the fp32 reference on a tiny random model (logits of a random model are
@@ -20,36 +20,11 @@ FAMILY = FAMILIES["executorch"]
 KLD_BOUND = {"fp32": 1e-9, "int8": 5e-3, "8da4w": 0.15}
 
 
-def _kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
-    q = torch.log_softmax(torch.as_tensor(q_logits, dtype=torch.float64), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory):
     """(arch, scheme) -> (model, reference, artifact), exported once per module."""
     require_module("executorch", "executorch")
-    import smolconvert
-    from smolconvert.model.reference import build_reference
-
-    root = tmp_path_factory.mktemp("executorch")
-    cache: dict[tuple[str, str], tuple] = {}
-
-    def get(arch: str, scheme: str):
-        if (arch, scheme) not in cache:
-            folder = root / f"tiny-{arch}"
-            if not folder.exists():
-                tiny.write_folder(folder, tiny.config(arch))
-            model = smolconvert.load(str(folder))
-            ref = build_reference(model.spec, source=model.weights)
-            art = FAMILY.export(
-                model, scheme, root / f"{arch}-{scheme}", options={"max_context_len": 40}
-            )
-            cache[arch, scheme] = (model, ref, art)
-        return cache[arch, scheme]
-
-    return get
+    return tiny_exports(tmp_path_factory.mktemp("executorch"), FAMILY, {"max_context_len": 40})
 
 
 TOKENS = [5, 17, 200, 3, 99, 42, 7, 250, 1, 64, 33, 128, 8, 19, 77, 300]
@@ -68,7 +43,7 @@ def test_runtime_matches_reference(exports, arch: str, scheme: str) -> None:
     assert got.shape == want.shape
     if scheme == "fp32":
         assert np.abs(got - want).max() < 1e-4
-    assert _kld(want, got) < KLD_BOUND[scheme]
+    assert mean_kld(want, got) < KLD_BOUND[scheme]
     # the cache path: prefill 6 tokens, then one per call
     rows = [runner._forward(TOKENS[:6], 0).numpy()]
     rows += [runner._forward([t], i).numpy() for i, t in enumerate(TOKENS[6:], start=6)]
