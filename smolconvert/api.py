@@ -46,6 +46,7 @@ def export(
     allow_nonfinite: bool = False,
     overwrite: bool = False,
     strict_config: bool = False,
+    base_model: str | None = None,
     quiet: bool = True,
 ) -> Artifact:
     """Export `source` to a target such as "gguf:q4_k_m" into the folder `out`.
@@ -57,7 +58,8 @@ def export(
     (`smolconvert export --list` shows them all); unknown keys or values are errors. Weights
     holding NaN or infinities are refused (every such tensor named) unless `allow_nonfinite=True`.
     An existing `out` that smolconvert did not write is refused unless `overwrite=True`; the input
-    model, the working folder and any folder holding them are never replaced.
+    model, the working folder and any folder holding them are never replaced. `base_model` is
+    the Hub repository the model card names (default: guessed from the source's path or name).
     """
     from smolconvert import artifact as A
     from smolconvert.progress import Steps
@@ -68,6 +70,8 @@ def export(
     resolved = family.resolve_options(options)
     family.check_options(scheme, resolved)
     model = load(source, allow_pickle=allow_pickle, strict_config=strict_config)
+    if base_model is not None:
+        model.base_model = base_model
     folder = Path(out) if out is not None else Path(f"{model.name}-{family.name}-{scheme}")
     policy = A.OutputPolicy(overwrite=overwrite, protect=A.input_paths(model), note=Steps(quiet))
     A.check_output(folder, policy)  # refuse a bad folder before any long work

@@ -95,6 +95,8 @@ def source_meta(model: Any) -> dict[str, Any]:
         "origin": model.origin,
         "spec": model.spec.to_dict(),
         "ignored_config_fields": list(model.ignored_config_fields),
+        "base_model": model.base_model,
+        "license": model.license,
     }
 
 
@@ -477,7 +479,17 @@ def staging(out: Path) -> Iterator[Path]:
 
 
 def finish(stage: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Record every file of a staged artifact and write artifact.json (last), sealed."""
+    """Write the model card, record every file of a staged artifact and write artifact.json
+    (last), sealed."""
+    from smolconvert.publish.card import CARD_FILE, artifact_card, has_card
+
+    sizes = [  # the card lists sizes only: hashing every file twice would cost seconds per GB
+        {"path": p.relative_to(stage).as_posix(), "size_bytes": p.stat().st_size}
+        for p in sorted(stage.rglob("*"))
+        if p.is_file() and p.name != ARTIFACT_FILE
+    ]
+    if has_card(meta):
+        write_atomic(stage / CARD_FILE, artifact_card(dict(meta, files=sizes)))
     meta = seal(dict(meta, files=file_entries(stage)))
     write_json(stage / ARTIFACT_FILE, meta)
     return meta

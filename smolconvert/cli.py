@@ -164,6 +164,12 @@ def inspect(source: str, as_json: bool, allow_pickle: bool, strict_config: bool)
     is_flag=True,
     help="Replace OUT even if it is not a smolconvert artifact (never the input model).",
 )
+@click.option(
+    "--base-model",
+    default=None,
+    metavar="ORG/NAME",
+    help="Hub repository the model card names as base_model [default: guessed from SOURCE].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print artifact.json to stdout.")
 def export(
     source: str | None,

@@ -37,6 +37,7 @@ RELEASE_KEYS = {
     "threads": "CPU threads for runners (default: all)",
     "strict_config": "refuse config.json fields smolconvert does not know (default false: warn)",
     "allow_nonfinite": "convert weights holding NaN or infinities (default false: refuse)",
+    "base_model": "Hub repository the model cards name (default: guessed from source)",
 }
 TARGET_KEYS = {
     "target": "family:scheme, e.g. gguf:q4_k_m",
@@ -80,6 +81,7 @@ class ReleaseConfig:
     threads: int | None = None
     strict_config: bool = False
     allow_nonfinite: bool = False
+    base_model: str | None = None
 
     def sha256(self) -> str:
         """What the release builds and measures (not where it writes)."""
@@ -219,7 +221,15 @@ def _from_dict(data: dict[str, Any], base: Path, lines: _Lines, where: str) -> R
         threads=integer("threads", None, 1),
         strict_config=flag("strict_config", False),
         allow_nonfinite=flag("allow_nonfinite", False),
+        base_model=_optional_text(rel, "base_model", where),
     )
+
+
+def _optional_text(rel: dict[str, Any], key: str, where: str) -> str | None:
+    value = rel.get(key)
+    if value is not None and not (isinstance(value, str) and value.strip()):
+        raise ConfigError(f"{where} [release]: {key} must be a non-empty string, got {value!r}")
+    return value
 
 
 def _targets(raw: Any, lines: _Lines, where: str, latency: bool) -> tuple[TargetConfig, ...]:

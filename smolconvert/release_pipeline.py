@@ -29,6 +29,7 @@ from smolconvert import artifact as A
 from smolconvert.artifact import ARTIFACT_FILE, Artifact, tool_versions, write_json
 from smolconvert.errors import ConfigError, CorruptFileError
 from smolconvert.files import write_atomic
+from smolconvert.publish.card import CARD_FILE, release_card
 from smolconvert.release_config import ReleaseConfig, TargetConfig, load_config
 from smolconvert.validators import gates, report
 from smolconvert.version import __version__
@@ -147,6 +148,8 @@ def _run(
     from smolconvert.validators.quality import load_eval_text
 
     model = load_model(cfg.source, strict_config=cfg.strict_config)
+    if cfg.base_model is not None:
+        model.base_model = cfg.base_model
     eval_text = load_eval_text(cfg.eval_text)
     calibration = load_text(cfg.calibration_text, default_calibration_text())
     policy = A.OutputPolicy(
@@ -171,6 +174,7 @@ def _run(
                 "imatrix": calibration.sha256 if t.imatrix else None,
                 "code": family.code_sha256(),
                 "libraries": tool_versions(*family.libraries),
+                "card": [model.base_model, model.license],  # the README.md's header
             }
         )
         art, why = (None, "") if force else _cached(folder, build_key)
@@ -381,6 +385,8 @@ def _manifest(
         "source": cfg.source,
         "source_sha256": model.sha256,
         "origin": model.origin,
+        "base_model": model.base_model,
+        "license": model.license,
         "spec": model.spec.to_dict(),
         "n_params": model.spec.n_params,
         "eval_text": {"name": eval_text.name, "sha256": eval_text.sha256},
@@ -401,9 +407,11 @@ def write_outputs(out: Path, manifest: dict[str, Any], wall_s: float) -> None:
         out / "report.json",
         {"wall_s": round(wall_s, 1), "rows": rows, **{k: manifest[k] for k in report.HEADER_KEYS}},
     )
+    table = report.markdown(manifest, rows)
     for name, text in (
-        ("report.md", report.markdown(manifest, rows)),
+        ("report.md", table),
         ("report.html", report.html(manifest, rows)),
+        (CARD_FILE, release_card(manifest, table)),
     ):
         write_atomic(out / name, text)
 

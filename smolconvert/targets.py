@@ -128,6 +128,7 @@ def modules_sha256(modules: tuple[str, ...]) -> str:
 COMMON_CODE = (
     "smolconvert.api",
     "smolconvert.artifact",
+    "smolconvert.publish.card",  # every artifact's README.md
     "smolconvert.files",
     "smolconvert.options",
     "smolconvert.texts",

@@ -312,7 +312,7 @@ def test_parallel_exports_into_one_folder(model: Path, tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0] * n
     art = A.Artifact.load(out, hashes=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [A.ARTIFACT_FILE, art.path("model").name]
+        [A.ARTIFACT_FILE, "Modelfile", "README.md", art.path("model").name]
     )
     assert leftovers(out) == []
 

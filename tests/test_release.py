@@ -76,6 +76,17 @@ def test_release_builds_gates_and_caches(tmp_path: Path) -> None:
         and "Pareto" in page
         and "http" not in page.replace("http://www.w3.org/2000/svg", "")
     )
+    from huggingface_hub import ModelCard
+
+    for a in manifest["artifacts"]:  # every card carries the release's measurements
+        text = (out / a["folder"] / "README.md").read_text()
+        assert ModelCard.load(out / a["folder"] / "README.md").data.base_model_relation == (
+            "quantized"
+        )
+        assert f"| mean KL divergence | {a['metrics']['kld_mean']:.4f} |" in text
+    release_card = ModelCard.load(out / "README.md")
+    assert release_card.data.base_model_relation == "quantized"
+    assert "gguf:q4_k_s" in release_card.text and "gguf" in release_card.data.tags
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and "imatrix" in kinds
     assert all("elapsed_s" in e for e in events)

@@ -254,7 +254,11 @@ def _levels(
         head = name == "lm_head.weight" or (
             name == "model.embed_tokens.weight" and spec.tie_word_embeddings
         )
-        plan[name] = scheme.codec if head or name.endswith("proj.weight") else None
+        ours = head or (
+            name.endswith("proj.weight")
+            and scheme.config_for(name.removesuffix(".weight")) == scheme.linear
+        )
+        plan[name] = scheme.codec if ours else None
     mode = "off" if options.gptq == "off" else kv_hessians(options.gptq, spec.n_kv_heads)
     return quantize_weights(model, plan, step, gptq=mode != "off", kv_hessians=mode)
 

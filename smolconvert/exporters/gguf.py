@@ -20,12 +20,14 @@ import numpy as np
 from smolconvert import artifact as A
 from smolconvert import progress
 from smolconvert.errors import ConfigError, UnsupportedError, ValidationError
+from smolconvert.files import write_atomic
 from smolconvert.model import gguf_layout
 from smolconvert.model.imatrix import Imatrix
 from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import canonical_names, expected_shape
 from smolconvert.options import GgufOptions
+from smolconvert.publish.ollama import MODELFILE, modelfile_for
 from smolconvert.quantizers.gguf_recipes import SCHEMES, get_scheme, tensor_codec
 from smolconvert.quantizers.registry import get_codec
 
@@ -159,6 +161,8 @@ def export_gguf(
                 writer.write_tensor_data(data)
                 bar.update(1)
         writer.close()
+        modelfile = modelfile_for(model, filename)
+        write_atomic(stage / MODELFILE, modelfile.text())
         meta = {
             "format": "gguf",
             "target": "gguf",
@@ -170,6 +174,11 @@ def export_gguf(
             "layout": LAYOUT_NOTE,
             "tool_versions": A.tool_versions("gguf", "numpy", "torch"),
             "min_runtime": {"llama.cpp": "b6000 (GGUF v3)"},
+            "modelfile": {
+                "template": modelfile.template is not None,
+                "stop": list(modelfile.stop),
+                "note": modelfile.note,
+            },
         }
         if auto_plan is not None:
             meta["auto_plan"] = auto_plan

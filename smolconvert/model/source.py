@@ -7,6 +7,8 @@ config.json vocabulary ModelSpec reads, so there is one code path for sizes and 
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +33,11 @@ class CanonicalModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     # config.json fields no rule knows: warned about at load, recorded in artifact.json
     ignored_config_fields: tuple[str, ...] = ()
+    # for model cards and Modelfiles: the Hub repository the source is (guessed from its path or
+    # name, or given), its license, and generation_config.json's sampling defaults and eos ids
+    base_model: str | None = None
+    license: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
     def sha256(self) -> str:
@@ -85,6 +92,7 @@ def load_model(
         model = _load_gguf(default_gguf_path(), "default")
         model.name = "SmolLM2-135M-Instruct"
         model.origin = ORIGIN_NOTE
+        model.base_model = guess_base_model(model.name, "")
         return model
     path = Path(source).expanduser()
     if not path.exists():
@@ -140,6 +148,9 @@ def _load_folder(
         origin=origin,
         name=folder.resolve().name,
         ignored_config_fields=unknown,
+        base_model=guess_base_model(folder.resolve().name, str(folder.resolve())),
+        license=source_license(folder),
+        generation=_generation_config(folder),
     )
 
 
@@ -169,7 +180,55 @@ def _load_gguf(path: Path, source: str) -> CanonicalModel:
         origin=f"dequantized from GGUF {path.name} (stored as {', '.join(types)})",
         name=name,
         metadata={k: v for k, v in meta.items() if k.startswith("general.")},
+        base_model=guess_base_model(path.stem, str(path.resolve())),
+        license=meta["general.license"] if isinstance(meta.get("general.license"), str) else None,
     )
+
+
+# Published SmolLM checkpoints live under HuggingFaceTB with the folder names they download as.
+_SMOLLM = re.compile(r"SmolLM[23]?-(135M|360M|1\.7B|3B)(-Instruct|-Base)?(-16k)?", re.IGNORECASE)
+# A folder from the Hub's cache: .../models--ORG--NAME/snapshots/<commit>
+_HUB_CACHE = re.compile(r"models--([\w.-]+)--([\w.-]+)")
+
+
+def guess_base_model(name: str, source: str) -> str | None:
+    """The Hub repository a source was downloaded from, where its path or name says it."""
+    hit = _HUB_CACHE.search(str(source))
+    if hit:
+        return f"{hit.group(1)}/{hit.group(2)}"
+    if _SMOLLM.fullmatch(name):
+        return f"HuggingFaceTB/{name}"
+    return None
+
+
+def source_license(folder: Path) -> str | None:
+    """The license in a source folder's own model card (its YAML header), if it has one."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(readme).data
+    except Exception:  # a README without a valid header: no license to take from it
+        return None
+    value = getattr(data, "license", None)
+    return value if isinstance(value, str) else None
+
+
+# generation_config.json keys a Modelfile carries (Ollama's names differ only for the penalty)
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "eos_token_id")
+
+
+def _generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or unreadable: no defaults to carry
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in _GENERATION_KEYS if k in data}
 
 
 def _fits(tokenizer: Tokenizer, spec: ModelSpec, where: str) -> Tokenizer:

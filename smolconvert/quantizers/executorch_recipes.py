@@ -43,6 +43,15 @@ class ExecutorchScheme:
     embedding: WeightConfig | None  # the token embedding (our codes, gathered by plain ops)
     description: str
     codec: str | None = None
+    # linears whose module name ends with the key take that config instead of `linear`, and
+    # keep torchao's rounding (no codec of ours has one scale per row)
+    overrides: tuple[tuple[str, WeightConfig], ...] = ()
+
+    def config_for(self, module_name: str) -> WeightConfig | None:
+        for suffix, cfg in self.overrides:
+            if module_name.endswith(suffix):
+                return cfg
+        return self.linear
 
 
 SCHEMES: dict[str, ExecutorchScheme] = {
@@ -54,8 +63,11 @@ SCHEMES: dict[str, ExecutorchScheme] = {
             WeightConfig(4, 32, True),
             WeightConfig(4, 32, False),
             "int8 dynamic activations, symmetric int4 weights per 32-block by GPTQ (XNNPACK "
-            "qd8-f32-qb4w); the embedding gathers the same 4-bit blocks",
+            "qd8-f32-qb4w), down_proj int8 per output channel (qd8-f32-qc8w); the embedding "
+            "gathers the same 4-bit blocks",
             codec="int4_b32_pos",
+            # as ONNX int4: of all projections down_proj loses the most on text at 4 bits
+            overrides=(("mlp.down_proj", WeightConfig(8, None, True)),),
         ),
         # Weight-only int8 (torchao IntxWeightOnlyConfig) lowers to XNNPACK without an error in
         # executorch 1.4 and computes garbage (max |logit error| 1556 on a tiny model); int8
@@ -74,13 +86,15 @@ SCHEMES: dict[str, ExecutorchScheme] = {
 def check_shapes(scheme: ExecutorchScheme, linears: dict[str, tuple[int, int]]) -> None:
     """Refuse, before any work, linears whose input width is not whole groups: torchao would
     leave them float. `linears`: module name -> (out, in)."""
-    cfg = scheme.linear
-    if cfg is None or cfg.group_size is None:
-        return
-    bad = [f"{n} {shape}" for n, shape in linears.items() if shape[1] % cfg.group_size]
+    bad, group = [], 0
+    for n, shape in linears.items():
+        cfg = scheme.config_for(n)
+        if cfg is not None and cfg.group_size and shape[1] % cfg.group_size:
+            bad.append(f"{n} {shape}")
+            group = cfg.group_size
     if bad:
         raise UnsupportedError(
-            f"executorch:{scheme.name} quantizes in groups of {cfg.group_size} input columns; "
+            f"executorch:{scheme.name} quantizes in groups of {group} input columns; "
             f"these linears are not whole groups wide: {', '.join(bad)} (use executorch:int8)"
         )
 
@@ -112,17 +126,29 @@ def quantize_linears(module: Any, scheme: ExecutorchScheme) -> dict[str, str]:
         return isinstance(m, torch.nn.Linear)
 
     names = [n for n, m in module.named_modules() if is_linear(m)]
-    cfg = scheme.linear
-    if cfg is None:
+    configs = {n: scheme.config_for(n) for n in names}
+    if all(cfg is None for cfg in configs.values()):
         return dict.fromkeys(names, "fp32")
-    quantize_(module, _torchao_config(cfg), filter_fn=is_linear)
+    for cfg in dict.fromkeys(configs.values()):  # one quantize_ per distinct config
+        if cfg is None:
+            continue
+        chosen = {n for n, c in configs.items() if c == cfg}
+
+        def pick(m: Any, name: str, chosen: set[str] = chosen) -> bool:
+            return is_linear(m) and name in chosen
+
+        quantize_(module, _torchao_config(cfg), filter_fn=pick)
     plain = (torch.Tensor, torch.nn.Parameter)
-    left = [n for n, m in module.named_modules() if is_linear(m) and type(m.weight) in plain]
+    left = [
+        n
+        for n, m in module.named_modules()
+        if is_linear(m) and configs[n] is not None and type(m.weight) in plain
+    ]
     if left:
         raise UnsupportedError(
             f"executorch:{scheme.name}: torchao left these linears float: {', '.join(left)}"
         )
-    return dict.fromkeys(names, cfg.name)
+    return {n: cfg.name if cfg else "fp32" for n, cfg in configs.items()}
 
 
 def embedding_codes(weight: Any, cfg: WeightConfig) -> tuple[Any, Any]:

@@ -8,13 +8,16 @@ once per (model, text, ctx, windows). The report names what ran, on which host, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from smolconvert import progress
-from smolconvert.artifact import ARTIFACT_FILE, Artifact, write_json
+from smolconvert.artifact import ARTIFACT_FILE, Artifact, seal, write_json
 from smolconvert.errors import ConfigError
+from smolconvert.files import sha256_file, write_atomic
 from smolconvert.model.reference import build_reference
 from smolconvert.model.source import CanonicalModel
+from smolconvert.publish.card import CARD_FILE, artifact_card, has_card
 from smolconvert.validators import latency as L
 from smolconvert.validators import quality as Q
 from smolconvert.validators.latency import RunnerSpec
@@ -150,6 +153,19 @@ def validate_artifact(
         size_bytes=art.size_bytes,
         notes=(f"target {art.target}:{art.scheme}",),
     )
-    write_json(art.folder / ARTIFACT_FILE, dict(art.meta, validation=report.to_dict()))
-    art.meta["validation"] = report.to_dict()
+    art.meta = _update_card(art.folder, dict(art.meta, validation=report.to_dict()))
     return report
+
+
+def _update_card(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a finished artifact's model card from `meta` (e.g. with new measurements) and
+    write artifact.json with the card's new size and hash; returns the sealed meta."""
+    if not has_card(meta):
+        return meta
+    path = folder / CARD_FILE
+    write_atomic(path, artifact_card(meta))
+    entry = {"path": CARD_FILE, "size_bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    files = [f for f in meta["files"] if f["path"] != CARD_FILE] + [entry]
+    meta = seal(dict(meta, files=sorted(files, key=lambda f: f["path"])))
+    write_json(folder / ARTIFACT_FILE, meta)
+    return meta

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from smolconvert.errors import ConfigError, UnsupportedError
-from smolconvert.quantizers.executorch_recipes import SCHEMES, WeightConfig, embedding_codes
+from smolconvert.model.weights import linear_shapes
+from smolconvert.quantizers.executorch_recipes import (
+    SCHEMES,
+    WeightConfig,
+    check_shapes,
+    embedding_codes,
+)
 from smolconvert.targets import FAMILIES
 from tests import tiny
 from tests.conftest import mean_kld, read_json, require_module, tiny_exports
@@ -68,7 +74,9 @@ def test_artifact_records_every_weight(exports) -> None:
     assert types["model.embed_tokens.weight"] == "w4_g32"
     assert types["lm_head.weight"] == "8da4_g32"
     projections = [n for n in types if n.endswith("proj.weight")]
-    assert projections and all(types[n] == "8da4_g32" for n in projections)
+    down = [n for n in projections if n.endswith("down_proj.weight")]
+    assert down and all(types[n] == "8da8_channel" for n in down)
+    assert all(types[n] == "8da4_g32" for n in projections if n not in down)
     assert meta["runner_metadata"]["get_max_context_len"] == 40
     assert meta["runner_metadata"]["get_max_seq_len"] == 39  # calls of up to 39 tokens
     assert meta["entry_points"]["model"] == "model.pte"
@@ -121,9 +129,16 @@ def test_quantized_embedding_gathers_dequantized_rows(bits: int, group: int | No
 def test_refuses_widths_that_are_not_whole_groups(tmp_path: Path) -> None:
     import smolconvert
 
-    cfg = tiny.config("llama", intermediate_size=80)  # down_proj: 80 columns, not 32-groups
+    cfg = tiny.config("llama", intermediate_size=80)  # gate/up: 80 rows; down_proj: 80 columns
     model = smolconvert.load(str(tiny.write_folder(tmp_path / "odd", cfg)))
-    with pytest.raises(UnsupportedError, match=r"down_proj.*executorch:int8"):
+    shapes = linear_shapes(model.spec)
+    check_shapes(SCHEMES["8da4w"], shapes)  # down_proj is per channel: any width will do
+    odd = {n: (s[0], 80) if n.endswith("up_proj") else s for n, s in shapes.items()}
+    with pytest.raises(UnsupportedError, match=r"up_proj.*executorch:int8"):
+        check_shapes(SCHEMES["8da4w"], odd)
+    cfg = tiny.config("llama", hidden_size=80)  # every projection but down_proj: 80 columns
+    model = smolconvert.load(str(tiny.write_folder(tmp_path / "wide", cfg)))
+    with pytest.raises(UnsupportedError, match=r"q_proj.*executorch:int8"):
         FAMILY.export(model, "8da4w", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

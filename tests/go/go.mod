@@ -1,0 +1,3 @@
+module smolconvert/tests/go
+
+go 1.19
