@@ -15,11 +15,11 @@
    is not whole groups float), the recipe's default HQQ scale search left on, KV cache, the custom
    sdpa_with_kv_cache op, XNNPACK, dynamic shape, max_seq_length = max_context_length = 2048 (our
    default cache) and debug.generate_full_logits (without it its program returns only the last
-   position's logits, and quality could not be scored on every position). No
-   embedding_quantize: ExecuTorch's PyPI runtime has no quantized_decomposed::embedding_4bit.out
-   kernel, so a program with the recipe's 4-bit embedding cannot run here; the peer runs with an
-   fp32 embedding. The same recipe with embedding_quantize=4,32 is exported too, for its size
-   only (marked not runnable; --skip-embedding-size skips it).
+   position's logits, and quality could not be scored on every position), first with an fp32
+   embedding. The same recipe with embedding_quantize=4,32 is exported too and, when the
+   runtime has that kernel after `import executorch.kernels.quantized`, measured as a third
+   program with its own table; otherwise its size only is printed (--skip-embedding-size skips
+   it).
 3. Times smolconvert's `executorch:8da4w` from the same folder, or reuses --ours DIR (a folder
    with artifact.json and model.pte).
 4. Runs both programs in ExecuTorch's Python runtime (`executorch.runtime`, XNNPACK) in this
@@ -203,6 +203,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         art, t_ours = timed(smolconvert.export, hf, to="executorch:8da4w", out=work / "ours")
         ours_dir = art.folder
     programs = {"ours": ours_dir / "model.pte", "peer": peer}
+    kernel = runtime_has_embedding_kernel()
+    if peer_emb is not None and kernel:  # the recipe as shipped, when this runtime can run it
+        programs["peer_emb4"] = peer_emb
     rows, tokens, text, prompt = measure(
         model,
         programs,
@@ -213,6 +216,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         threads=args.threads,
     )
     rows["ours"]["export_s"], rows["peer"]["export_s"] = t_ours, t_peer
+    if "peer_emb4" in rows:
+        rows["peer_emb4"]["export_s"] = t_peer_emb
 
     import executorch.version
 
@@ -230,14 +235,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
         "smolconvert executorch:8da4w",
         "export_llm 8da4w g32, fp32 embedding",
     )
+    if "peer_emb4" in rows:
+        print()
+        print_table(
+            {"ours": rows["ours"], "peer": rows["peer_emb4"]},
+            {"ours": tokens["ours"], "peer": tokens["peer_emb4"]},
+            ".pte size (MB)",
+            "smolconvert executorch:8da4w",
+            "export_llm 8da4w g32, embedding 4-bit g32",
+        )
     if args.ours is not None:
         print(f"ours reused from {args.ours}: its export time was not measured here (nan)")
-    kernel = runtime_has_embedding_kernel()
     print(
-        f"peer runs with an fp32 embedding: {EMBEDDING_OP} "
-        f"{'is' if kernel else 'is NOT'} in this runtime's operators"
+        f"{EMBEDDING_OP} {'is' if kernel else 'is NOT'} in this runtime's operators (after "
+        "importing executorch.kernels.quantized)"
     )
-    if peer_emb is not None:
+    if peer_emb is not None and not kernel:
         mb = peer_emb.stat().st_size / 1e6
         print(
             f"peer with embedding_quantize=4,32 (size only, not runnable here): {mb:.1f} MB, "

@@ -155,7 +155,10 @@ class Artifact:
 
     @property
     def size_bytes(self) -> int:
-        return sum(int(f["size_bytes"]) for f in self.meta["files"])
+        """What a runtime loads: the model card and Modelfile are not counted."""
+        from smolconvert.publish import runtime_bytes
+
+        return runtime_bytes(self.meta["files"])
 
     def path(self, role: str) -> Path:
         return self.folder / self.meta["entry_points"][role]

@@ -27,7 +27,8 @@ from smolconvert.model.source import CanonicalModel
 from smolconvert.model.spec import ModelSpec
 from smolconvert.model.weights import canonical_names, expected_shape
 from smolconvert.options import GgufOptions
-from smolconvert.publish.ollama import MODELFILE, modelfile_for
+from smolconvert.publish import MODELFILE
+from smolconvert.publish.ollama import modelfile_for
 from smolconvert.quantizers.gguf_recipes import SCHEMES, get_scheme, tensor_codec
 from smolconvert.quantizers.registry import get_codec
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-CARD_FILE = "README.md"
+from smolconvert.publish import CARD_FILE, runtime_bytes
+
 REPO = "<user>/<repo>"  # where the folder is uploaded: unknown here, so a placeholder
 
 
@@ -139,6 +140,8 @@ def _num(x: Any, fmt: str) -> str:
 
 
 def _mb(n_bytes: int) -> str:
+    if n_bytes < 100_000:  # a config or the Modelfile: "0.0 MB" would say nothing
+        return f"{n_bytes / 1e3:.1f} kB"
     return f"{n_bytes / 1e6:.1f} MB"
 
 
@@ -160,7 +163,7 @@ def measured_table(meta: dict[str, Any]) -> str:
         )
     q, lat = v["quality"], v.get("latency") or {}
     n_params = _n_params(meta["spec"])
-    size = sum(f["size_bytes"] for f in meta["files"] if f["path"] != CARD_FILE)
+    size = runtime_bytes(meta["files"])
     bpw = size * 8 / n_params if n_params else None
     rows = [
         ("size", _mb(size)),

@@ -20,8 +20,6 @@ from typing import Any
 
 from smolconvert.errors import UnsupportedError
 
-MODELFILE = "Modelfile"
-
 # Ollama's templates cannot search a string: the reasoning switch that SmolLM3's template reads
 # from the system prompt is Ollama's own think option (`ollama run --think=false`) instead.
 THINK_FLAGS = {

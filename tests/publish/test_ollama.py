@@ -174,3 +174,8 @@ def test_gguf_export_writes_the_modelfile_beside_the_file(tmp_path: Path) -> Non
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert art.meta["modelfile"] == {"template": True, "stop": ["<|im_end|>"], "note": None}
     assert "Modelfile" in {f["path"] for f in art.meta["files"]}
+    # the card and the Modelfile are for people: an artifact's size (what size budgets and
+    # gates read) is the bytes the runtime loads
+    gguf = art.folder / art.meta["entry_points"]["model"]
+    assert {f["path"] for f in art.meta["files"]} == {gguf.name, "Modelfile", "README.md"}
+    assert art.size_bytes == gguf.stat().st_size
