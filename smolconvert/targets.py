@@ -128,6 +128,7 @@ def modules_sha256(modules: tuple[str, ...]) -> str:
 COMMON_CODE = (
     "smolconvert.api",
     "smolconvert.artifact",
+    "smolconvert.publish",  # which files count in an artifact's size
     "smolconvert.publish.card",  # every artifact's README.md
     "smolconvert.files",
     "smolconvert.options",
@@ -293,6 +294,7 @@ FAMILIES: dict[str, Family] = {
         (
             *COMMON_CODE,
             "smolconvert.exporters.gguf",
+            "smolconvert.publish.ollama",  # the Modelfile beside every GGUF
             "smolconvert.quantizers.gguf_auto",
             "smolconvert.quantizers.gguf_recipes",
         ),
