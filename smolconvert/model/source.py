@@ -7,7 +7,6 @@ config.json vocabulary ModelSpec reads, so there is one code path for sizes and 
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections import Counter
@@ -19,7 +18,7 @@ from typing import Any
 from smolconvert.errors import ConfigError, ConfigWarning, CorruptFileError, UnsupportedError
 from smolconvert.model import weights as W
 from smolconvert.model.spec import ModelSpec, read_config, unknown_config_fields
-from smolconvert.model.tokenizer import Tokenizer
+from smolconvert.model.tokenizer import Tokenizer, read_json_object
 
 
 @dataclass
@@ -221,13 +220,7 @@ _GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "eos_
 
 
 def _generation_config(folder: Path) -> dict[str, Any]:
-    path = folder / "generation_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent or unreadable: no defaults to carry
-        return {}
-    if not isinstance(data, dict):
-        return {}
+    data = read_json_object(folder / "generation_config.json")  # {} when absent
     return {k: data[k] for k in _GENERATION_KEYS if k in data}
 
 

@@ -124,11 +124,11 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:
             raise CorruptFileError(f"{path} is not a valid tokenizer.json: {exc}") from exc
-        config = _read_json(folder / "tokenizer_config.json")
+        config = read_json_object(folder / "tokenizer_config.json")
         # llama.cpp's converter (gguf-py vocab.py SpecialVocab): tokenizer_config.json's token
         # strings win, then config.json's ids; generation_config.json only fills what is left.
         fallbacks = [
-            _read_json(folder / name) for name in ("config.json", "generation_config.json")
+            read_json_object(folder / name) for name in ("config.json", "generation_config.json")
         ]
         ids: dict[str, int | None] = {}
         unknown = []
@@ -297,7 +297,7 @@ def _gguf_id(reader: gguf.GGUFReader, key: str) -> int | None:
     return value
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
